@@ -1,0 +1,1 @@
+"""Tool-integrated reasoning: sandbox, chat format, rollouts, grading and tasks."""

@@ -1,0 +1,224 @@
+"""Public API of Cut Cross-Entropy: the loss and per-token log-probabilities without the logit matrix.
+
+Data flow, for e (..., D), classifier c (V, D) and targets (...):
+
+1. validate, flatten e to (N, D) (a view when possible) and, for ``shift=True``, shift the targets
+   instead of slicing e, so e is never copied;
+2. :class:`lmforge.cce.autograd.LinearStats` returns four length-N float32 statistics of each logit
+   row (lse, target logit, logit sum, softmax-weighted logit), computed by Triton kernels or by the
+   chunked torch path, never materialising all N x V logits;
+3. the loss (NLL, label smoothing, z-loss, reductions) or log-probability / entropy is plain torch
+   on those vectors, so autograd derives the per-token gradient coefficients the backward needs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lmforge.cce import triton_impl
+from lmforge.cce.autograd import LinearStats
+
+REDUCTIONS = ("mean", "sum", "none")
+IMPLS = ("auto", "torch", "triton")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def auto_filter_eps(dtype: torch.dtype) -> float | None:
+    """Gradient-filter threshold used by ``filter_eps="auto"``.
+
+    For 16-bit inputs, softmax entries below eps(dtype) / 32 (2^-12 for bfloat16, 2^-15 for float16)
+    cannot change a gradient that is rounded to that dtype, so tiles made only of them are skipped.
+    float32 and float64 inputs are not filtered: their users ask for exact gradients.
+    """
+    if dtype in (torch.bfloat16, torch.float16):
+        return torch.finfo(dtype).eps / 32
+    return None
+
+
+def _resolve_impl(impl: str, device: torch.device, dtype: torch.dtype) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        return "triton" if device.type == "cuda" and triton_impl.HAS_TRITON else "torch"
+    if impl == "triton":
+        if not triton_impl.HAS_TRITON:
+            raise ValueError("impl='triton' needs the triton package; install it or use impl='torch'")
+        if not triton_impl.available_for(device):
+            raise ValueError(f"impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU "
+                             f"interpreter); got tensors on {device}. Use impl='torch' or 'auto'.")
+        if dtype == torch.float64:
+            raise ValueError("impl='triton' supports float16, bfloat16 and float32; got float64 "
+                             "(use impl='torch' for float64)")
+    return impl
+
+
+def _check_tensor(name: str, t, *, floating: bool):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if floating and t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+
+
+def _prepare(e, c, targets, bias, *, shift, ignore_index, check_targets=True):
+    """Validate the public inputs; return (e2d, c, bias, flat_targets)."""
+    _check_tensor("e", e, floating=True)
+    _check_tensor("c", c, floating=True)
+    _check_tensor("targets", targets, floating=False)
+    if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
+        raise TypeError(f"targets must be an integer tensor, got {targets.dtype}")
+    if c.dim() != 2:
+        raise ValueError(f"c must be (V, D), got shape {tuple(c.shape)}")
+    if e.dim() < 1 or e.shape[-1] != c.shape[1]:
+        raise ValueError(f"e must be (..., D) with D = c.shape[1] = {c.shape[1]}, got shape {tuple(e.shape)}")
+    if e.dtype != c.dtype:
+        raise TypeError(f"e and c must have the same dtype, got e {e.dtype} and c {c.dtype}")
+    if tuple(targets.shape) != tuple(e.shape[:-1]):
+        raise ValueError(f"targets must have shape e.shape[:-1] = {tuple(e.shape[:-1])}, got {tuple(targets.shape)}")
+    devices = {("e", e.device), ("c", c.device), ("targets", targets.device)}
+    if bias is not None:
+        _check_tensor("bias", bias, floating=True)
+        if tuple(bias.shape) != (c.shape[0],):
+            raise ValueError(f"bias must be (V,) = ({c.shape[0]},), got {tuple(bias.shape)}")
+        devices.add(("bias", bias.device))
+    if len({d for _, d in devices}) > 1:
+        where = ", ".join(f"{n} on {d}" for n, d in sorted(devices, key=lambda x: x[0]))
+        raise ValueError(f"all tensors must be on one device, got {where}")
+    if e.numel() == 0 or c.numel() == 0:
+        raise ValueError(f"empty input: e has shape {tuple(e.shape)}, c has shape {tuple(c.shape)}")
+
+    flat_targets = targets.reshape(-1)
+    if shift:
+        if e.dim() < 2 or e.shape[-2] < 2:
+            raise ValueError(f"shift=True needs e of shape (..., T, D) with T >= 2, got {tuple(e.shape)}")
+        # Position t predicts token t+1: shift the (cheap) targets, not the (large) hidden states.
+        pad = torch.full_like(targets[..., :1], ignore_index)
+        flat_targets = torch.cat([targets[..., 1:], pad], dim=-1).reshape(-1)
+    flat_targets = flat_targets.contiguous()
+    vocab = c.shape[0]
+    if check_targets:
+        bad = (flat_targets != ignore_index) & ((flat_targets < 0) | (flat_targets >= vocab))
+        if bool(bad.any()):
+            first = int(flat_targets[bad][0])
+            raise ValueError(f"targets must lie in [0, {vocab}) or equal ignore_index={ignore_index}; "
+                             f"found {first} ({int(bad.sum())} bad entries)")
+    e2d = e.reshape(-1, e.shape[-1])
+    return e2d, c, bias, flat_targets
+
+
+def _unflatten(per_token: torch.Tensor, targets_shape, shift):
+    x = per_token.view(targets_shape)
+    return x[..., :-1] if shift else x
+
+
+def _check_options(reduction, label_smoothing, z_loss, softcap, filter_eps):
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if not 0.0 <= float(label_smoothing) < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+    if float(z_loss) < 0:
+        raise ValueError(f"z_loss must be >= 0, got {z_loss}")
+    if softcap is not None and not float(softcap) > 0:
+        raise ValueError(f"softcap must be None or > 0, got {softcap}")
+    if not (filter_eps is None or filter_eps == "auto" or
+            (isinstance(filter_eps, (int, float)) and filter_eps >= 0)):
+        raise ValueError(f"filter_eps must be 'auto', None or a number >= 0, got {filter_eps!r}")
+
+
+def _stats(e2d, c, bias, flat_targets, *, softcap, need_sum, need_mu, filter_eps, impl):
+    impl = _resolve_impl(impl, e2d.device, e2d.dtype)
+    eps = auto_filter_eps(e2d.dtype) if filter_eps == "auto" else filter_eps
+    if eps == 0:
+        eps = None
+    return LinearStats.apply(e2d, c, bias, flat_targets, None if softcap is None else float(softcap),
+                             need_sum, need_mu, eps, impl)
+
+
+def linear_cross_entropy(e, c, targets, *, bias=None, ignore_index=-100, softcap=None,
+                         reduction="mean", shift=False, label_smoothing=0.0, z_loss=0.0,
+                         return_lse=False, filter_eps="auto", impl="auto"):
+    """Cross-entropy of softmax(softcap(e @ c.T + bias)) against targets, without the logit matrix.
+
+    Args:
+        e: (..., D) hidden states (float16, bfloat16, float32; float64 with impl="torch").
+        c: (V, D) classifier (lm_head weight), same dtype as e.
+        targets: (...) integer token ids; entries equal to ``ignore_index`` are skipped.
+        bias: optional (V,) classifier bias.
+        softcap: if set, logits become softcap * tanh(logits / softcap) (Gemma 2 final-logit capping).
+        reduction: "mean" over non-ignored tokens, "sum", or "none" (per-token losses, 0 where ignored).
+        shift: position t predicts targets[..., t + 1] (causal LM labels); e is not copied.
+        label_smoothing: epsilon of torch.nn.functional.cross_entropy's label smoothing.
+        z_loss: adds z_loss * lse^2 per token (PaLM's auxiliary loss).
+        return_lse: also return the per-token log-sum-exp (shape of the per-token loss).
+        filter_eps: gradient filtering threshold; "auto" picks it from the dtype (see
+            :func:`auto_filter_eps`), None computes exact gradients. Only the Triton backend filters.
+        impl: "triton" (CUDA, or CPU under TRITON_INTERPRET=1), "torch" (chunked, exact, any device)
+            or "auto" (Triton on CUDA, torch elsewhere).
+
+    Returns:
+        The loss (float32), and with ``return_lse`` a tuple (loss, lse). A batch whose targets are all
+        ignored gives loss 0 (not NaN) and zero gradients for every reduction.
+    """
+    _check_options(reduction, label_smoothing, z_loss, softcap, filter_eps)
+    e2d, c, bias, flat_t = _prepare(e, c, targets, bias, shift=shift, ignore_index=ignore_index)
+    lse, target_logit, sum_logit, _ = _stats(e2d, c, bias, flat_t, softcap=softcap,
+                                             need_sum=label_smoothing > 0, need_mu=False,
+                                             filter_eps=filter_eps, impl=impl)
+    valid = flat_t != ignore_index
+    loss = lse - target_logit
+    if label_smoothing > 0:
+        # torch's definition: (1 - eps) * nll + eps * mean_j(-log p_j) = (1 - eps) * nll + eps * (lse - mean_j z_j)
+        loss = (1 - label_smoothing) * loss + label_smoothing * (lse - sum_logit / c.shape[0])
+    if z_loss > 0:
+        loss = loss + z_loss * lse.square()
+    loss = torch.where(valid, loss, torch.zeros_like(loss))
+    if reduction == "none":
+        out = _unflatten(loss, targets.shape, shift)
+    elif reduction == "sum":
+        out = loss.sum()
+    else:
+        out = loss.sum() / valid.sum().clamp(min=1)
+    if return_lse:
+        return out, _unflatten(lse, targets.shape, shift)
+    return out
+
+
+def token_logprobs(e, c, targets, *, bias=None, softcap=None, shift=False, ignore_index=-100,
+                   return_entropy=False, filter_eps="auto", impl="auto"):
+    """Differentiable log p(target) per token (0 where ignored), without the logit matrix.
+
+    With ``return_entropy`` also returns the per-token entropy of the predicted distribution
+    (0 where the target is ignored), differentiable as well. Shapes are those of targets
+    (the last dimension one shorter with ``shift=True``). Values are float32.
+    """
+    _check_options("none", 0.0, 0.0, softcap, filter_eps)
+    e2d, c, bias, flat_t = _prepare(e, c, targets, bias, shift=shift, ignore_index=ignore_index)
+    lse, target_logit, _, mean_logit = _stats(e2d, c, bias, flat_t, softcap=softcap, need_sum=False,
+                                              need_mu=return_entropy, filter_eps=filter_eps, impl=impl)
+    valid = flat_t != ignore_index
+    zero = torch.zeros_like(lse)
+    logp = _unflatten(torch.where(valid, target_logit - lse, zero), targets.shape, shift)
+    if not return_entropy:
+        return logp
+    entropy = _unflatten(torch.where(valid, lse - mean_logit, zero), targets.shape, shift)
+    return logp, entropy
+
+
+class LinearCrossEntropy(nn.Module):
+    """Module form of :func:`linear_cross_entropy`; ``forward(e, c, targets, bias=None)``."""
+
+    def __init__(self, *, ignore_index=-100, softcap=None, reduction="mean", shift=False,
+                 label_smoothing=0.0, z_loss=0.0, return_lse=False, filter_eps="auto", impl="auto"):
+        super().__init__()
+        _check_options(reduction, label_smoothing, z_loss, softcap, filter_eps)
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        self.options = dict(ignore_index=ignore_index, softcap=softcap, reduction=reduction, shift=shift,
+                            label_smoothing=label_smoothing, z_loss=z_loss, return_lse=return_lse,
+                            filter_eps=filter_eps, impl=impl)
+
+    def forward(self, e, c, targets, bias=None):
+        return linear_cross_entropy(e, c, targets, bias=bias, **self.options)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

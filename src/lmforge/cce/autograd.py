@@ -1,0 +1,50 @@
+"""Autograd glue: one Function over the four per-token statistics, for either backend.
+
+The forward saves only the inputs and two length-N vectors (lse, mean logit); the backward recomputes
+logits tile by tile. Both backends share the contract documented in :mod:`lmforge.cce.chunked`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lmforge.cce import chunked, triton_impl
+
+
+def _fp32(g):
+    return None if g is None else g.float().contiguous()
+
+
+class LinearStats(torch.autograd.Function):
+    """(e, c, bias, targets) -> (lse, target_logit, sum_logit, mean_logit), each (N,) float32."""
+
+    @staticmethod
+    def forward(ctx, e, c, bias, targets, softcap, need_sum, need_mu, filter_eps, impl):
+        if impl == "triton":
+            stats = triton_impl.forward_stats(e, c, bias, targets, softcap=softcap,
+                                              need_sum=need_sum, need_mu=need_mu)
+        else:
+            stats = chunked.forward_stats(e, c, bias, targets, softcap=softcap,
+                                          need_sum=need_sum, need_mu=need_mu)
+        lse, _, _, mean_logit = stats
+        ctx.save_for_backward(e, c, bias, targets, lse, mean_logit)
+        ctx.softcap, ctx.filter_eps, ctx.impl = softcap, filter_eps, impl
+        ctx.set_materialize_grads(False)
+        return stats
+
+    @staticmethod
+    def backward(ctx, g_lse, g_tgt, g_sum, g_mu):
+        e, c, bias, targets, lse, mean_logit = ctx.saved_tensors
+        need_de, need_dc, need_db = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        if all(g is None for g in (g_lse, g_tgt, g_sum, g_mu)) or not (need_de or need_dc or need_db):
+            return None, None, None, None, None, None, None, None, None
+        grads = (_fp32(g_lse), _fp32(g_tgt), _fp32(g_sum), _fp32(g_mu))
+        if ctx.impl == "triton":
+            de, dc, db = triton_impl.backward(e, c, bias, targets, lse, mean_logit, *grads,
+                                              softcap=ctx.softcap, need_de=need_de, need_dc=need_dc,
+                                              need_db=need_db, filter_eps=ctx.filter_eps)
+        else:
+            de, dc, db = chunked.backward(e, c, bias, targets, lse, mean_logit, *grads,
+                                          softcap=ctx.softcap, need_de=need_de, need_dc=need_dc,
+                                          need_db=need_db)
+        return de, dc, db, None, None, None, None, None, None

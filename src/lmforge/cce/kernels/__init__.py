@@ -1,0 +1,1 @@
+"""Triton kernels of Cut Cross-Entropy, one kernel per file."""

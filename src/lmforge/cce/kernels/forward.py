@@ -1,0 +1,102 @@
+"""Forward kernel: per-token log-sum-exp and target logit without writing logits.
+
+Tiling. The (N x V) logit matrix z = softcap(E C^T + b) is cut into BLOCK_N x BLOCK_V tiles. Program
+(pid_n, pid_s) owns rows [pid_n * BLOCK_N, +BLOCK_N) and one contiguous vocabulary split of
+``v_per_split`` columns (a multiple of BLOCK_V). It walks its split tile by tile; for each tile it
+accumulates E[rows] C[cols]^T over D in BLOCK_D steps with tl.dot (fp32 accumulator, on chip),
+applies bias and softcap, and folds the tile into an online log-sum-exp (running max m, running
+sum s = sum exp(z - m)), plus, when asked, the softmax-weighted logit sum w = sum exp(z - m) z, the
+plain logit sum, and the target logit if the target falls in this tile.
+
+Global memory. Reads: E[rows] once per vocabulary tile (N * D * V / BLOCK_V elements in all) and each
+C row once per token block (V * D * N / BLOCK_N elements). Writes: five fp32 partials per (split, row):
+(SPLITS x N) floats each, combined by a few tiny torch ops in the launcher. Nothing of size N x V.
+
+Bounds. 2 N V D FLOP on the tensor cores; bytes ~ 2 (N D V / BLOCK_V + V D N / BLOCK_N) for bf16, so
+with 128 x 128 tiles the kernel is matmul-bound for D >= ~256 (H200: ~790 TFLOP/s bf16 measured).
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _tanh(x):
+    # tanh through exp so it also runs under TRITON_INTERPRET; 1 - 2 / (exp(2x) + 1) is exact at +-inf.
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def _dot(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    # Triton's CPU interpreter multiplies bfloat16 tiles as their raw uint16 bits; upcasting first gives
+    # the GPU's result (a product of two 16-bit floats is exact in fp32, the sum accumulates in fp32).
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def lse_forward_kernel(
+    E, C, Bias, Targets,
+    M_out, S_out, W_out, Sum_out, Tgt_out,
+    N, V, D, v_per_split,
+    stride_en, stride_ed, stride_cv, stride_cd,
+    softcap,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    NEED_SUM: tl.constexpr, NEED_MU: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    targets = tl.load(Targets + rows, mask=row_ok, other=-1).to(tl.int64)
+
+    m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    s = tl.zeros((BLOCK_N,), tl.float32)
+    w = tl.zeros((BLOCK_N,), tl.float32)
+    zsum = tl.zeros((BLOCK_N,), tl.float32)
+    tgt = tl.zeros((BLOCK_N,), tl.float32)
+    offs_d = tl.arange(0, BLOCK_D)
+    v_begin = pid_s * v_per_split
+    for v_step in range(0, v_per_split, BLOCK_V):
+        v0 = v_begin + v_step
+        # v_per_split is a multiple of BLOCK_V, so only the last split can run past V.
+        if v0 < V:
+            cols = v0 + tl.arange(0, BLOCK_V)
+            col_ok = cols < V
+            acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                d = d0 + offs_d
+                d_ok = d < D
+                e_blk = tl.load(E + rows[:, None] * stride_en + d[None, :] * stride_ed,
+                                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+                c_blk = tl.load(C + cols[:, None] * stride_cv + d[None, :] * stride_cd,
+                                mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+                acc = _dot(e_blk, tl.trans(c_blk), acc, UPCAST_DOT, DOT_PRECISION)
+            if HAS_BIAS:
+                acc += tl.load(Bias + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            if HAS_SOFTCAP:
+                acc = softcap * _tanh(acc / softcap)
+            z = tl.where(col_ok[None, :], acc, float("-inf"))
+            m_new = tl.maximum(m, tl.max(z, axis=1))
+            scale = tl.exp(m - m_new)
+            p = tl.exp(z - m_new[:, None])
+            s = s * scale + tl.sum(p, axis=1)
+            if NEED_MU:
+                w = w * scale + tl.sum(tl.where(col_ok[None, :], p * acc, 0.0), axis=1)
+            if NEED_SUM:
+                zsum += tl.sum(tl.where(col_ok[None, :], acc, 0.0), axis=1)
+            is_target = (cols[None, :] == targets[:, None]) & col_ok[None, :]
+            tgt += tl.sum(tl.where(is_target, acc, 0.0), axis=1)
+            m = m_new
+
+    out = pid_s * N + rows
+    tl.store(M_out + out, m, mask=row_ok)
+    tl.store(S_out + out, s, mask=row_ok)
+    tl.store(Tgt_out + out, tgt, mask=row_ok)
+    if NEED_MU:
+        tl.store(W_out + out, w, mask=row_ok)
+    if NEED_SUM:
+        tl.store(Sum_out + out, zsum, mask=row_ok)

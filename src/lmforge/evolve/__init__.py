@@ -1,0 +1,1 @@
+"""Population-based evolution of LoRA adapters: merges, operators, population, fitness."""

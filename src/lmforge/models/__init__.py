@@ -1,0 +1,1 @@
+"""Loading models and tokenizers, LoRA adapters, and log-probabilities of a model's tokens."""

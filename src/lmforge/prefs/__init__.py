@@ -1,0 +1,1 @@
+"""Multi-turn preference learning: losses, pair building, trainer and the online loop."""
