@@ -11,12 +11,15 @@ import torch
 from lmforge.cce import chunked, triton_impl
 
 
-def _fp32(g):
-    return None if g is None else g.float().contiguous()
+def _like_stats(g, stats):
+    # Upstream gradients arrive in whatever dtype the caller used; the backends want the statistics' dtype.
+    return None if g is None else g.to(stats.dtype).contiguous()
 
 
 class LinearStats(torch.autograd.Function):
-    """(e, c, bias, targets) -> (lse, target_logit, sum_logit, mean_logit), each (N,) float32."""
+    """(e, c, bias, targets) -> (lse, target_logit, sum_logit, mean_logit), each (N,) float32
+
+    (float64 for float64 inputs on the torch path)."""
 
     @staticmethod
     def forward(ctx, e, c, bias, targets, softcap, need_sum, need_mu, filter_eps, impl):
@@ -38,7 +41,7 @@ class LinearStats(torch.autograd.Function):
         need_de, need_dc, need_db = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         if all(g is None for g in (g_lse, g_tgt, g_sum, g_mu)) or not (need_de or need_dc or need_db):
             return None, None, None, None, None, None, None, None, None
-        grads = (_fp32(g_lse), _fp32(g_tgt), _fp32(g_sum), _fp32(g_mu))
+        grads = tuple(_like_stats(g, lse) for g in (g_lse, g_tgt, g_sum, g_mu))
         if ctx.impl == "triton":
             de, dc, db = triton_impl.backward(e, c, bias, targets, lse, mean_logit, *grads,
                                               softcap=ctx.softcap, need_de=need_de, need_dc=need_dc,

@@ -1,0 +1,287 @@
+"""lmforge.cce against a float64 reference with materialised logits (torch.nn.functional.cross_entropy).
+
+Both backends run here: "torch" (chunked) and "triton" (real kernels on CUDA, the interpreter on CPU).
+Shapes are deliberately not multiples of any block size.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmforge.cce import LinearCrossEntropy, auto_filter_eps, linear_cross_entropy, token_logprobs
+from lmforge.cce import chunked
+from tests.conftest import DEVICE
+
+IMPLS = ["torch", "triton"]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# Relative-error budgets vs float64 on the same (rounded) inputs: the gradients come back in the input
+# dtype, so their rounding alone is ~2^-9 for bfloat16 and ~2^-12 for float16.
+LOSS_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-3, torch.float16: 1e-3, torch.float64: 1e-12}
+GRAD_TOL = {torch.float32: 2e-5, torch.bfloat16: 1.2e-2, torch.float16: 2e-3, torch.float64: 1e-10}
+
+N, D, V = 37, 40, 101
+
+
+def rel_err(got, ref):
+    got, ref = got.detach().double().cpu(), ref.detach().double().cpu()
+    assert torch.isfinite(got).all(), "non-finite values"
+    denom = ref.norm()
+    return ((got - ref).norm() / (denom if denom > 0 else 1)).item()
+
+
+def make_inputs(dtype, n=N, d=D, v=V, seed=0, scale=1.0, with_bias=False, ignore_frac=0.0, shape=None):
+    g = torch.Generator().manual_seed(seed)
+    e = torch.randn(n, d, generator=g) * scale
+    c = torch.randn(v, d, generator=g) / d ** 0.5 * 2
+    t = torch.randint(0, v, (n,), generator=g)
+    if ignore_frac:
+        t[torch.rand(n, generator=g) < ignore_frac] = -100
+    b = torch.randn(v, generator=g) * 0.5 if with_bias else None
+    if shape is not None:
+        e, t = e.view(*shape, d), t.view(*shape)
+    to = lambda x: None if x is None else x.to(DEVICE, dtype).requires_grad_()
+    return to(e), to(c), t.to(DEVICE), to(b)
+
+
+def reference(e, c, t, b=None, *, softcap=None, reduction="mean", label_smoothing=0.0, z_loss=0.0,
+              ignore_index=-100, shift=False):
+    """float64 loss with materialised logits; returns (loss, lse) computed by torch."""
+    e64 = e.detach().double().requires_grad_()
+    c64 = c.detach().double().requires_grad_()
+    b64 = None if b is None else b.detach().double().requires_grad_()
+    if shift:
+        ee, tt = e64[..., :-1, :], t[..., 1:]
+    else:
+        ee, tt = e64, t
+    logits = ee @ c64.T
+    if b64 is not None:
+        logits = logits + b64
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    flat = logits.reshape(-1, logits.shape[-1])
+    ft = tt.reshape(-1)
+    per_tok = F.cross_entropy(flat, ft, ignore_index=ignore_index, reduction="none",
+                              label_smoothing=label_smoothing)
+    lse = torch.logsumexp(flat, dim=-1)
+    valid = ft != ignore_index
+    if z_loss:
+        per_tok = per_tok + torch.where(valid, z_loss * lse ** 2, torch.zeros_like(lse))
+    if reduction == "none":
+        loss = per_tok.view(tt.shape)
+    elif reduction == "sum":
+        loss = per_tok.sum()
+    else:
+        loss = per_tok.sum() / valid.sum().clamp(min=1)
+    return loss, lse.view(tt.shape), (e64, c64, b64)
+
+
+def backward_both(out, ref, seed=1):
+    """Backpropagate the same random cotangent through both (so 'none' reductions are covered)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    (out.double().cpu() * w).sum().backward()
+    (ref * w).sum().backward()
+
+
+CASES = {
+    "plain": dict(),
+    "ignore": dict(ignore_frac=0.3),
+    "bias": dict(with_bias=True),
+    "softcap": dict(softcap=3.0, scale=3.0),
+    "label_smoothing": dict(label_smoothing=0.1, ignore_frac=0.2),
+    "z_loss": dict(z_loss=1e-2),
+    "everything": dict(with_bias=True, softcap=5.0, label_smoothing=0.05, z_loss=1e-3, ignore_frac=0.2),
+}
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_loss_and_grads_match_float64(impl, dtype, case, reduction):
+    if dtype == torch.float16 and case in ("softcap", "everything") and reduction != "mean":
+        pytest.skip("covered by the mean reduction; keeps the interpreter run short")
+    opts = dict(CASES[case])
+    input_opts = {k: opts.pop(k) for k in ("with_bias", "ignore_frac", "scale") if k in opts}
+    e, c, t, b = make_inputs(dtype, **input_opts)
+    out = linear_cross_entropy(e, c, t, bias=b, reduction=reduction, impl=impl, filter_eps=None, **opts)
+    ref, _, (e64, c64, b64) = reference(e, c, t, b, reduction=reduction, **opts)
+    assert out.dtype == torch.float32
+    assert out.shape == ref.shape
+    assert rel_err(out, ref) < LOSS_TOL[dtype]
+    backward_both(out, ref)
+    assert rel_err(e.grad, e64.grad) < GRAD_TOL[dtype]
+    assert rel_err(c.grad, c64.grad) < GRAD_TOL[dtype]
+    if b is not None:
+        assert rel_err(b.grad, b64.grad) < GRAD_TOL[dtype]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_shift_and_return_lse_on_batched_input(impl):
+    e, c, t, _ = make_inputs(torch.float32, n=2 * 19, shape=(2, 19))
+    t[0, 5] = -100
+    loss, lse = linear_cross_entropy(e, c, t, shift=True, reduction="none", return_lse=True,
+                                     impl=impl, filter_eps=None)
+    ref, ref_lse, (e64, c64, _) = reference(e, c, t, shift=True, reduction="none")
+    assert loss.shape == (2, 18) and lse.shape == (2, 18)
+    assert rel_err(loss, ref) < 1e-5 and rel_err(lse, ref_lse) < 1e-6
+    backward_both(loss, ref)
+    assert rel_err(e.grad, e64.grad) < 2e-5
+    assert rel_err(c.grad, c64.grad) < 2e-5
+    # The last position predicts nothing: its hidden state gets no gradient.
+    assert torch.count_nonzero(e.grad[:, -1]) == 0
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_token_logprobs_and_entropy(impl, dtype):
+    e, c, t, b = make_inputs(dtype, with_bias=True, ignore_frac=0.25, shape=(1, N))
+    logp, ent = token_logprobs(e, c, t, bias=b, softcap=4.0, return_entropy=True, impl=impl, filter_eps=None)
+    e64, c64, b64 = (x.detach().double().requires_grad_() for x in (e, c, b))
+    logits = 4.0 * torch.tanh((e64 @ c64.T + b64) / 4.0)
+    log_sm = torch.log_softmax(logits, dim=-1)
+    valid = t != -100
+    ref_logp = torch.where(valid, log_sm.gather(-1, t.clamp(min=0).unsqueeze(-1)).squeeze(-1), 0.0)
+    ref_ent = torch.where(valid, -(log_sm.exp() * log_sm).sum(-1), 0.0)
+    assert rel_err(logp, ref_logp) < LOSS_TOL[dtype] * 3
+    assert rel_err(ent, ref_ent) < LOSS_TOL[dtype] * 3
+    assert (logp[~valid] == 0).all() and (ent[~valid] == 0).all()
+    g = torch.Generator().manual_seed(3)
+    w1, w2 = torch.randn(t.shape, generator=g).double(), torch.randn(t.shape, generator=g).double()
+    ((logp.double() * w1).sum() + (ent.double() * w2).sum()).backward()
+    ((ref_logp * w1).sum() + (ref_ent * w2).sum()).backward()
+    for got, ref in ((e.grad, e64.grad), (c.grad, c64.grad), (b.grad, b64.grad)):
+        assert rel_err(got, ref) < GRAD_TOL[dtype]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_ignored_gives_zero_loss_and_zero_grads(impl, reduction):
+    e, c, t, _ = make_inputs(torch.float32)
+    t = torch.full_like(t, -100)
+    out = linear_cross_entropy(e, c, t, reduction=reduction, impl=impl)
+    assert torch.count_nonzero(out) == 0 and torch.isfinite(out).all()
+    out.sum().backward()
+    assert torch.count_nonzero(e.grad) == 0 and torch.count_nonzero(c.grad) == 0
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_non_contiguous_inputs(impl):
+    e, c, t, _ = make_inputs(torch.float32, d=2 * D)
+    e_nc = e.detach()[:, ::2].requires_grad_()  # stride 2 along D
+    c_nc = c.detach().T.contiguous().T[:, ::2].requires_grad_()  # column-major, then strided
+    assert not e_nc.is_contiguous() and not c_nc.is_contiguous()
+    out = linear_cross_entropy(e_nc, c_nc, t, impl=impl, filter_eps=None)
+    ref, _, (e64, c64, _) = reference(e_nc, c_nc, t)
+    assert rel_err(out, ref) < 1e-5
+    backward_both(out, ref)
+    assert rel_err(e_nc.grad, e64.grad) < 2e-5 and rel_err(c_nc.grad, c64.grad) < 2e-5
+
+
+def test_float64_torch_path_is_exact():
+    e, c, t, b = make_inputs(torch.float64, with_bias=True, ignore_frac=0.2)
+    out = linear_cross_entropy(e, c, t, bias=b, softcap=2.0, impl="torch")
+    ref, _, (e64, c64, b64) = reference(e, c, t, b, softcap=2.0)
+    assert rel_err(out, ref) < 1e-12
+    backward_both(out, ref)
+    assert rel_err(e.grad, e64.grad) < 1e-10 and rel_err(c.grad, c64.grad) < 1e-10
+
+
+def test_chunking_does_not_change_results():
+    e, c, t, _ = make_inputs(torch.float32, ignore_frac=0.2)
+    one = chunked.forward_stats(e.detach(), c.detach(), None, t, need_sum=True, need_mu=True)
+    many = chunked.forward_stats(e.detach(), c.detach(), None, t, need_sum=True, need_mu=True,
+                                 chunk_elements=3 * V)  # 3 rows per chunk, 13 chunks
+    for a, b in zip(one, many):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5)  # fp32 matmul blocking differs by chunk
+    g = torch.randn(N, dtype=torch.float32)
+    grads_one = chunked.backward(e.detach(), c.detach(), None, t, one[0], one[3], g, -g, None, None)
+    grads_many = chunked.backward(e.detach(), c.detach(), None, t, one[0], one[3], g, -g, None, None,
+                                  chunk_elements=3 * V)
+    for a, b in zip(grads_one[:2], grads_many[:2]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def peaked_inputs(dtype, seed=0):
+    """Hidden states aligned with their target's classifier row: a sharp softmax, like a trained LM."""
+    g = torch.Generator().manual_seed(seed)
+    c = torch.randn(V, D, generator=g)
+    t = torch.randint(0, V, (N,), generator=g)
+    e = 0.1 * c[t] + 0.3 * torch.randn(N, D, generator=g)  # mean NLL ~1.3 nats, like a trained LM
+    return e.to(DEVICE, dtype).requires_grad_(), c.to(DEVICE, dtype).requires_grad_(), t.to(DEVICE)
+
+
+def test_gradient_filter_skips_tiles_and_stays_accurate():
+    e, c, t = peaked_inputs(torch.bfloat16)
+    ref, _, (e64, c64, _) = reference(e, c, t)
+    ref.backward()
+
+    def grads(filter_eps):
+        e.grad = c.grad = None
+        linear_cross_entropy(e, c, t, impl="triton", filter_eps=filter_eps).backward()
+        return e.grad.clone(), c.grad.clone()
+
+    exact = grads(None)
+    auto = grads("auto")
+    # The smallest positive float skips only all-zero tiles but still sorts the vocabulary: sorting alone
+    # must not change anything (up to the order of fp32 atomic adds on a GPU).
+    sorted_only = grads(1e-45)
+    coarse = grads(0.5)  # far above the tail: most tiles are skipped
+    assert auto_filter_eps(torch.bfloat16) == 2 ** -12
+    for got, want in zip(sorted_only, exact):
+        torch.testing.assert_close(got, want)
+    assert rel_err(auto[0], e64.grad) < GRAD_TOL[torch.bfloat16]
+    assert rel_err(auto[1], c64.grad) < GRAD_TOL[torch.bfloat16]
+    # Skipping really happens: a coarse threshold drops visible mass, so the result moves.
+    assert rel_err(coarse[1], c64.grad) > 10 * rel_err(exact[1], c64.grad)
+
+
+def test_module_form():
+    e, c, t, b = make_inputs(torch.float32, with_bias=True)
+    mod = LinearCrossEntropy(reduction="sum", label_smoothing=0.1, impl="torch")
+    assert "label_smoothing=0.1" in repr(mod)
+    ref, _, _ = reference(e, c, t, b, reduction="sum", label_smoothing=0.1)
+    assert rel_err(mod(e, c, t, bias=b), ref) < 1e-6
+
+
+def test_impl_auto_uses_torch_without_cuda(monkeypatch):
+    e, c, t, _ = make_inputs(torch.float32)
+    if DEVICE == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        with pytest.raises(ValueError, match="impl='triton' needs CUDA"):
+            linear_cross_entropy(e, c, t, impl="triton")
+        linear_cross_entropy(e, c, t, impl="auto")  # falls back to the torch path
+
+
+def bad_calls():
+    e, c, t, b = make_inputs(torch.float32)
+    e, c, b = e.detach(), c.detach(), b
+    return [
+        ("e", TypeError, lambda: linear_cross_entropy(e.numpy(), c, t)),
+        ("targets must be an integer", TypeError, lambda: linear_cross_entropy(e, c, t.float())),
+        ("same dtype", TypeError, lambda: linear_cross_entropy(e, c.double(), t)),
+        ("c must be", ValueError, lambda: linear_cross_entropy(e, c[None], t)),
+        ("D = c.shape", ValueError, lambda: linear_cross_entropy(e[:, :-1], c, t)),
+        ("targets must have shape", ValueError, lambda: linear_cross_entropy(e, c, t[:-1])),
+        ("bias must be", ValueError, lambda: linear_cross_entropy(e, c, t, bias=torch.zeros(V + 1))),
+        ("targets must lie in", ValueError, lambda: linear_cross_entropy(e, c, torch.full_like(t, V))),
+        ("targets must lie in", ValueError, lambda: linear_cross_entropy(e, c, torch.full_like(t, -1))),
+        ("empty input", ValueError, lambda: linear_cross_entropy(e[:0], c, t[:0])),
+        ("empty input", ValueError, lambda: linear_cross_entropy(e, c[:0], t)),
+        ("reduction", ValueError, lambda: linear_cross_entropy(e, c, t, reduction="avg")),
+        ("label_smoothing", ValueError, lambda: linear_cross_entropy(e, c, t, label_smoothing=1.5)),
+        ("z_loss", ValueError, lambda: linear_cross_entropy(e, c, t, z_loss=-1)),
+        ("softcap", ValueError, lambda: linear_cross_entropy(e, c, t, softcap=0.0)),
+        ("filter_eps", ValueError, lambda: linear_cross_entropy(e, c, t, filter_eps="fast")),
+        ("impl must be", ValueError, lambda: linear_cross_entropy(e, c, t, impl="cuda")),
+        ("shift=True", ValueError, lambda: linear_cross_entropy(e[:1], c, t[:1], shift=True)),
+        ("float64", ValueError, lambda: linear_cross_entropy(e.double(), c.double(), t, impl="triton")),
+        ("one device", ValueError, lambda: linear_cross_entropy(e, c, t.to("meta"))),
+    ]
+
+
+@pytest.mark.parametrize("index", range(len(bad_calls())))
+def test_bad_input_raises_clear_error(index):
+    match, exc, call = bad_calls()[index]
+    with pytest.raises(exc, match=match):
+        call()
