@@ -1,0 +1,274 @@
+"""Side-by-side benchmark of lmforge's loss against plain torch on the local device.
+
+For each shape (tokens x hidden x vocab) and each implementation: forward time, forward+backward time
+(median over repeats after warm-up), peak extra memory beyond the inputs for the forward and for
+forward+backward, and relative error of loss, dE and dC against a float64 reference that is computed
+independently (materialised float64 logits, one chunk of tokens at a time, torch autograd).
+
+Memory: on CUDA from the caching allocator's peak; on the CPU from the process's peak resident set
+(VmHWM, reset through /proc/self/clear_refs), which counts everything the process touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from lmforge.cce.api import linear_cross_entropy
+
+# Shapes from real models: (tokens, hidden, vocab).
+GPU_SHAPES = {
+    "gemma2-2b": (8192, 2304, 256000),
+    "llama3-8b": (8192, 4096, 128256),
+    "qwen2.5-7b": (8192, 3584, 152064),
+    "smollm2-135m": (8192, 576, 49152),
+}
+CPU_SHAPES = {
+    "smollm2-135m": (1024, 576, 49152),
+    "small": (512, 256, 32000),
+}
+
+
+@dataclasses.dataclass
+class CCEBenchConfig:
+    """Options of ``lmforge bench cce``."""
+
+    shapes: list[str] | None = None  # names from GPU_SHAPES / CPU_SHAPES, or "NxDxV"; None = device default
+    dtype: str = "auto"  # "auto" = bfloat16 on CUDA, float32 on CPU
+    impls: tuple[str, ...] = ("lmforge", "torch")
+    device: str = "auto"
+    warmup: int = 2
+    repeats: int = 5
+    seed: int = 0
+    out_dir: str | None = None  # run folder; None = runs/bench-cce/<timestamp>
+
+
+def parse_shape(name: str) -> tuple[int, int, int]:
+    if name in GPU_SHAPES:
+        return GPU_SHAPES[name]
+    if name in CPU_SHAPES:
+        return CPU_SHAPES[name]
+    m = re.fullmatch(r"(\d+)x(\d+)x(\d+)", name)
+    if not m:
+        known = sorted(set(GPU_SHAPES) | set(CPU_SHAPES))
+        raise ValueError(f"shape must be one of {known} or 'NxDxV', got {name!r}")
+    return tuple(int(x) for x in m.groups())
+
+
+def make_inputs(n, d, v, dtype, device, seed=0):
+    """Gaussian hidden states and a classifier scaled so logits have unit variance (near-uniform softmax)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    e = torch.randn(n, d, generator=g).to(device, dtype)
+    c = (torch.randn(v, d, generator=g) / d ** 0.5).to(device, dtype)
+    t = torch.randint(0, v, (n,), generator=g).to(device)
+    return e, c, t
+
+
+def torch_loss(e, c, t):
+    """The baseline: materialised logits in the input dtype, float32 softmax."""
+    return F.cross_entropy((e @ c.T).float(), t)
+
+
+def lmforge_loss(e, c, t):
+    return linear_cross_entropy(e, c, t)
+
+
+IMPLEMENTATIONS = {"lmforge": lmforge_loss, "torch": torch_loss}
+
+
+def float64_reference(e, c, t, chunk=1024):
+    """Mean cross-entropy and its gradients in float64, materialising one chunk of logits at a time."""
+    c64 = c.detach().double().requires_grad_()
+    n = e.shape[0]
+    loss = torch.zeros((), dtype=torch.float64, device=e.device)
+    de = torch.empty(e.shape, dtype=torch.float64, device=e.device)
+    dc = torch.zeros(c.shape, dtype=torch.float64, device=c.device)
+    for start in range(0, n, chunk):
+        e64 = e[start:start + chunk].detach().double().requires_grad_()
+        part = F.cross_entropy(e64 @ c64.T, t[start:start + chunk], reduction="sum") / n
+        g_e, g_c = torch.autograd.grad(part, (e64, c64))
+        loss += part.detach()
+        de[start:start + chunk] = g_e
+        dc += g_c
+    return loss, de, dc
+
+
+def _rel(got, ref):
+    return ((got.double() - ref).norm() / ref.norm()).item()
+
+
+def _libc():
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+    # A fixed mmap threshold (M_MMAP_THRESHOLD = -3) makes glibc hand large blocks back to the OS on free,
+    # instead of raising the threshold and recycling them inside the heap, where the resident-set peak
+    # would not see them again.
+    libc.mallopt(-3, 1 << 20)
+    return libc
+
+
+class _Memory:
+    """Peak extra memory of a region, in bytes, on CUDA or (via VmHWM) on the CPU."""
+
+    _libc = None
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        if device.type == "cpu" and _Memory._libc is None:
+            _Memory._libc = _libc()
+
+    @staticmethod
+    def _status(key):
+        text = Path("/proc/self/status").read_text()
+        return int(re.search(rf"{key}:\s+(\d+)", text).group(1)) * 1024
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+        else:
+            if self._libc is not None:
+                self._libc.malloc_trim(0)
+            Path("/proc/self/clear_refs").write_text("5")  # reset the peak resident set
+            self.base = self._status("VmRSS")
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self.base
+        else:
+            self.peak = self._status("VmHWM") - self.base
+
+
+def _time_ms(fn, device, warmup, repeats):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(device)
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def measure(name, loss_fn, e, c, t, ref, *, warmup, repeats):
+    device = e.device
+    e = e.detach().requires_grad_()
+    c = c.detach().requires_grad_()
+
+    def forward():
+        return loss_fn(e, c, t)
+
+    def forward_backward():
+        e.grad = c.grad = None
+        loss_fn(e, c, t).backward()
+
+    with torch.no_grad():
+        fwd_ms = _time_ms(forward, device, warmup, repeats)
+    fwd_bwd_ms = _time_ms(forward_backward, device, warmup, repeats)
+    e.grad = c.grad = None
+    with _Memory(device) as mem_fwd:
+        loss = forward()  # autograd on: what training keeps alive after the forward counts
+    del loss
+    with _Memory(device) as mem_all:
+        loss = forward()
+        loss.backward()
+    loss_ref, de_ref, dc_ref = ref
+    return dict(impl=name, fwd_ms=fwd_ms, fwd_bwd_ms=fwd_bwd_ms,
+                fwd_mb=mem_fwd.peak / 2 ** 20, fwd_bwd_mb=mem_all.peak / 2 ** 20,
+                loss_err=_rel(loss.detach(), loss_ref), de_err=_rel(e.grad, de_ref), dc_err=_rel(c.grad, dc_ref))
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def run_benchmark(config: CCEBenchConfig, progress: bool = True) -> dict:
+    """Run the benchmark and write results.json and results.md into the run folder."""
+    from tqdm.auto import tqdm
+
+    device = _device(config.device)
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
+             "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(config.dtype)
+    if dtype is None:
+        raise ValueError(f"dtype must be auto, bfloat16, float16 or float32, got {config.dtype!r}")
+    unknown = [i for i in config.impls if i not in IMPLEMENTATIONS]
+    if unknown:
+        raise ValueError(f"impls must be among {sorted(IMPLEMENTATIONS)}, got {unknown}")
+    names = config.shapes or list((GPU_SHAPES if device.type == "cuda" else CPU_SHAPES))
+    shapes = {name: parse_shape(name) for name in names}
+    out_dir = Path(config.out_dir or Path("runs") / "bench-cce" / time.strftime("%Y%m%d-%H%M%S"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    rows = []
+    bar = tqdm(total=len(shapes) * (len(config.impls) + 1), desc="bench cce", disable=not progress)
+    for name, (n, d, v) in shapes.items():
+        e, c, t = make_inputs(n, d, v, dtype, device, config.seed)
+        bar.set_postfix_str(f"{name}: float64 reference")
+        ref = float64_reference(e, c, t)
+        bar.update()
+        for impl in config.impls:
+            bar.set_postfix_str(f"{name}: {impl}")
+            row = measure(impl, IMPLEMENTATIONS[impl], e, c, t, ref,
+                          warmup=config.warmup, repeats=config.repeats)
+            rows.append(dict(shape=name, n=n, d=d, v=v, **row))
+            bar.update()
+        del e, c, t, ref
+    bar.close()
+    result = dict(device=_device_name(device), dtype=str(dtype).replace("torch.", ""),
+                  torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
+                  config=dataclasses.asdict(config), rows=rows)
+    _write_atomic(out_dir / "results.json", json.dumps(result, indent=2))
+    _write_atomic(out_dir / "results.md", markdown_table(result))
+    result["out_dir"] = str(out_dir)
+    return result
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _write_atomic(path: Path, text: str):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def markdown_table(result: dict) -> str:
+    lines = [f"Device: {result['device']}; dtype {result['dtype']}; torch {result['torch']}; {result['date']}",
+             "",
+             "| shape (N x D x V) | impl | fwd ms | fwd+bwd ms | fwd extra MB | fwd+bwd extra MB "
+             "| loss rel err | dE rel err | dC rel err |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['shape']} ({r['n']}x{r['d']}x{r['v']}) | {r['impl']} | {r['fwd_ms']:.2f} "
+                     f"| {r['fwd_bwd_ms']:.2f} | {r['fwd_mb']:.1f} | {r['fwd_bwd_mb']:.1f} "
+                     f"| {r['loss_err']:.1e} | {r['de_err']:.1e} | {r['dc_err']:.1e} |")
+    return "\n".join(lines) + "\n"

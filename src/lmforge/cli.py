@@ -1,0 +1,48 @@
+"""The ``lmforge`` command. Each subcommand is a thin layer over a library function and its config."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from lmforge.config import add_config_arguments, config_from_args
+
+
+def _bench_cce(args) -> int:
+    from lmforge.cce.benchmark import CCEBenchConfig, run_benchmark
+
+    config = config_from_args(CCEBenchConfig, args)
+    result = run_benchmark(config)
+    from lmforge.cce.benchmark import markdown_table
+
+    print(markdown_table(result))
+    print(f"results written to {result['out_dir']}/results.json and results.md")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from lmforge import __version__
+    from lmforge.cce.benchmark import CCEBenchConfig
+
+    parser = argparse.ArgumentParser(prog="lmforge", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"lmforge {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    cce = bench.add_parser("cce", help="lmforge's loss vs plain torch: time, memory, error vs float64")
+    add_config_arguments(cce, CCEBenchConfig)
+    cce.set_defaults(func=_bench_cce)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        parser.exit(2, f"lmforge: error: {err}\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
