@@ -80,7 +80,38 @@ def lmforge_loss(e, c, t):
     return linear_cross_entropy(e, c, t)
 
 
+def _torch_compile():
+    compiled = torch.compile(torch_loss, dynamic=False)
+    return compiled
+
+
+def _liger():
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+    return lambda e, c, t: liger_fused_linear_cross_entropy(e, c, t)
+
+
+def _apple(impl):
+    def make():
+        from cut_cross_entropy import linear_cross_entropy as apple_lce
+
+        return lambda e, c, t: apple_lce(e, c, t, impl=impl)
+
+    return make
+
+
 IMPLEMENTATIONS = {"lmforge": lmforge_loss, "torch": torch_loss}
+# Peers are imported only when asked for (they are optional, and only some run on the CPU).
+PEERS = {"torch_compile": _torch_compile, "liger": _liger, "apple_cce": _apple("cce"),
+         "apple_cce_exact": _apple("cce_exact")}
+
+
+def loss_function(name: str):
+    if name in IMPLEMENTATIONS:
+        return IMPLEMENTATIONS[name]
+    if name in PEERS:
+        return PEERS[name]()
+    raise ValueError(f"unknown implementation {name!r}; known: {sorted(IMPLEMENTATIONS) + sorted(PEERS)}")
 
 
 def float64_reference(e, c, t, chunk=1024):
@@ -215,9 +246,9 @@ def run_benchmark(config: CCEBenchConfig, progress: bool = True) -> dict:
              "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(config.dtype)
     if dtype is None:
         raise ValueError(f"dtype must be auto, bfloat16, float16 or float32, got {config.dtype!r}")
-    unknown = [i for i in config.impls if i not in IMPLEMENTATIONS]
+    unknown = [i for i in config.impls if i not in IMPLEMENTATIONS and i not in PEERS]
     if unknown:
-        raise ValueError(f"impls must be among {sorted(IMPLEMENTATIONS)}, got {unknown}")
+        raise ValueError(f"impls must be among {sorted(IMPLEMENTATIONS) + sorted(PEERS)}, got {unknown}")
     names = config.shapes or list((GPU_SHAPES if device.type == "cuda" else CPU_SHAPES))
     shapes = {name: parse_shape(name) for name in names}
     out_dir = Path(config.out_dir or Path("runs") / "bench-cce" / time.strftime("%Y%m%d-%H%M%S"))
@@ -232,8 +263,15 @@ def run_benchmark(config: CCEBenchConfig, progress: bool = True) -> dict:
         bar.update()
         for impl in config.impls:
             bar.set_postfix_str(f"{name}: {impl}")
-            row = measure(impl, IMPLEMENTATIONS[impl], e, c, t, ref,
-                          warmup=config.warmup, repeats=config.repeats)
+            try:
+                row = measure(impl, loss_function(impl), e, c, t, ref,
+                              warmup=config.warmup, repeats=config.repeats)
+            except Exception as err:  # a peer that fails on this shape/device is reported, not fatal
+                if impl in IMPLEMENTATIONS:
+                    raise
+                row = dict(impl=impl, error=f"{type(err).__name__}: {err}"[:300])
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
             rows.append(dict(shape=name, n=n, d=d, v=v, **row))
             bar.update()
         del e, c, t, ref
@@ -268,6 +306,10 @@ def markdown_table(result: dict) -> str:
              "| loss rel err | dE rel err | dC rel err |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['shape']} ({r['n']}x{r['d']}x{r['v']}) | {r['impl']} | failed: {r['error'][:80]} |"
+                         + " |" * 7)
+            continue
         lines.append(f"| {r['shape']} ({r['n']}x{r['d']}x{r['v']}) | {r['impl']} | {r['fwd_ms']:.2f} "
                      f"| {r['fwd_bwd_ms']:.2f} | {r['fwd_mb']:.1f} | {r['fwd_bwd_mb']:.1f} "
                      f"| {r['loss_err']:.1e} | {r['de_err']:.1e} | {r['dc_err']:.1e} |")

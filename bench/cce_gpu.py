@@ -1,0 +1,38 @@
+"""CCE on a GPU: lmforge beside plain torch, torch.compile, Liger-Kernel and Apple's cut-cross-entropy.
+
+Usage (peers must be importable; on the lent device they travel as wheels):
+    python bench/cce_gpu.py --out bench/results/cce_h200.json [--shapes gemma2-2b ...] [--impls ...]
+Same as `lmforge bench cce --compare`.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from lmforge.cce.benchmark import GPU_SHAPES, CCEBenchConfig, markdown_table, run_benchmark  # noqa: E402
+
+ALL_IMPLS = ("lmforge", "torch", "torch_compile", "liger", "apple_cce", "apple_cce_exact")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--shapes", nargs="+", default=list(GPU_SHAPES))
+    parser.add_argument("--impls", nargs="+", default=list(ALL_IMPLS))
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--run-dir", default="runs/bench-cce-gpu")
+    parser.add_argument("--out", help="also copy results.json here")
+    args = parser.parse_args()
+    config = CCEBenchConfig(shapes=args.shapes, impls=tuple(args.impls), repeats=args.repeats,
+                            warmup=args.warmup, out_dir=args.run_dir)
+    result = run_benchmark(config)
+    print(markdown_table(result))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
