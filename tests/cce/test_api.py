@@ -78,8 +78,8 @@ def reference(e, c, t, b=None, *, softcap=None, reduction="mean", label_smoothin
 def backward_both(out, ref, seed=1):
     """Backpropagate the same random cotangent through both (so 'none' reductions are covered)."""
     g = torch.Generator().manual_seed(seed)
-    w = torch.randn(ref.shape, generator=g, dtype=torch.float64)
-    (out.double().cpu() * w).sum().backward()
+    w = torch.randn(ref.shape, generator=g, dtype=torch.float64).to(ref.device)
+    (out.double() * w).sum().backward()
     (ref * w).sum().backward()
 
 
@@ -147,7 +147,7 @@ def test_token_logprobs_and_entropy(impl, dtype):
     assert rel_err(ent, ref_ent) < LOSS_TOL[dtype] * 3
     assert (logp[~valid] == 0).all() and (ent[~valid] == 0).all()
     g = torch.Generator().manual_seed(3)
-    w1, w2 = torch.randn(t.shape, generator=g).double(), torch.randn(t.shape, generator=g).double()
+    w1, w2 = (torch.randn(t.shape, generator=g, dtype=torch.float64).to(DEVICE) for _ in range(2))
     ((logp.double() * w1).sum() + (ent.double() * w2).sum()).backward()
     ((ref_logp * w1).sum() + (ref_ent * w2).sum()).backward()
     for got, ref in ((e.grad, e64.grad), (c.grad, c64.grad), (b.grad, b64.grad)):
@@ -194,7 +194,7 @@ def test_chunking_does_not_change_results():
                                  chunk_elements=3 * V)  # 3 rows per chunk, 13 chunks
     for a, b in zip(one, many):
         torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5)  # fp32 matmul blocking differs by chunk
-    g = torch.randn(N, dtype=torch.float32)
+    g = torch.randn(N, dtype=torch.float32).to(DEVICE)
     grads_one = chunked.backward(e.detach(), c.detach(), None, t, one[0], one[3], g, -g, None, None)
     grads_many = chunked.backward(e.detach(), c.detach(), None, t, one[0], one[3], g, -g, None, None,
                                   chunk_elements=3 * V)
