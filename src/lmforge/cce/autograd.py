@@ -23,21 +23,39 @@ class LinearStats(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, e, c, bias, targets, softcap, need_sum, need_mu, filter_eps, impl):
+        # Autocast would recast the recomputed logits; the backends choose their own precisions.
+        with torch.autocast(e.device.type, enabled=False):
+            return LinearStats._forward(ctx, e, c, bias, targets, softcap, need_sum, need_mu, filter_eps, impl)
+
+    @staticmethod
+    def _forward(ctx, e, c, bias, targets, softcap, need_sum, need_mu, filter_eps, impl):
+        perm = tile_map = map_sub = None
         if impl == "triton":
-            stats = triton_impl.forward_stats(e, c, bias, targets, softcap=softcap,
-                                              need_sum=need_sum, need_mu=need_mu)
+            # Filtering needs the forward's tile map over a sorted vocabulary; label smoothing (need_sum)
+            # touches every logit, so nothing could be skipped then.
+            if filter_eps is not None and not need_sum and any(ctx.needs_input_grad[:3]):
+                perm = triton_impl.vocab_order(e, c, bias)
+                map_sub = triton_impl.map_granularity(e.dtype, e.device, e.shape[1])
+            *stats, tile_map = triton_impl.forward_stats(e, c, bias, targets, softcap=softcap,
+                                                         need_sum=need_sum, need_mu=need_mu,
+                                                         perm=perm, map_sub=map_sub)
         else:
             stats = chunked.forward_stats(e, c, bias, targets, softcap=softcap,
                                           need_sum=need_sum, need_mu=need_mu)
         lse, _, _, mean_logit = stats
-        ctx.save_for_backward(e, c, bias, targets, lse, mean_logit)
-        ctx.softcap, ctx.filter_eps, ctx.impl = softcap, filter_eps, impl
+        ctx.save_for_backward(e, c, bias, targets, lse, mean_logit, perm, tile_map)
+        ctx.softcap, ctx.filter_eps, ctx.impl, ctx.map_sub = softcap, filter_eps, impl, map_sub
         ctx.set_materialize_grads(False)
-        return stats
+        return tuple(stats)
 
     @staticmethod
     def backward(ctx, g_lse, g_tgt, g_sum, g_mu):
-        e, c, bias, targets, lse, mean_logit = ctx.saved_tensors
+        with torch.autocast(ctx.saved_tensors[0].device.type, enabled=False):
+            return LinearStats._backward(ctx, g_lse, g_tgt, g_sum, g_mu)
+
+    @staticmethod
+    def _backward(ctx, g_lse, g_tgt, g_sum, g_mu):
+        e, c, bias, targets, lse, mean_logit, perm, tile_map = ctx.saved_tensors
         need_de, need_dc, need_db = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         if all(g is None for g in (g_lse, g_tgt, g_sum, g_mu)) or not (need_de or need_dc or need_db):
             return None, None, None, None, None, None, None, None, None
@@ -45,7 +63,8 @@ class LinearStats(torch.autograd.Function):
         if ctx.impl == "triton":
             de, dc, db = triton_impl.backward(e, c, bias, targets, lse, mean_logit, *grads,
                                               softcap=ctx.softcap, need_de=need_de, need_dc=need_dc,
-                                              need_db=need_db, filter_eps=ctx.filter_eps)
+                                              need_db=need_db, filter_eps=ctx.filter_eps, perm=perm,
+                                              tile_map=tile_map, map_sub=ctx.map_sub)
         else:
             de, dc, db = chunked.backward(e, c, bias, targets, lse, mean_logit, *grads,
                                           softcap=ctx.softcap, need_de=need_de, need_dc=need_dc,
