@@ -224,12 +224,12 @@ def test_gradient_filter_skips_tiles_and_stays_accurate():
     exact = grads(None)
     auto = grads("auto")
     # The smallest positive float skips only all-zero tiles but still sorts the vocabulary: sorting alone
-    # must not change anything (up to the order of fp32 atomic adds on a GPU).
+    # must not change the result beyond summation order (bf16 rounding flips, ~1e-4 relative).
     sorted_only = grads(1e-45)
     coarse = grads(0.5)  # far above the tail: most tiles are skipped
     assert auto_filter_eps(torch.bfloat16) == 2 ** -12
     for got, want in zip(sorted_only, exact):
-        torch.testing.assert_close(got, want)
+        assert rel_err(got, want) < 1e-3
     assert rel_err(auto[0], e64.grad) < GRAD_TOL[torch.bfloat16]
     assert rel_err(auto[1], c64.grad) < GRAD_TOL[torch.bfloat16]
     # Skipping really happens: a coarse threshold drops visible mass, so the result moves.

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.cce.api import linear_cross_entropy
+from lmforge.cce.regimes import make_inputs, regime_stats
 
 # Shapes from real models: (tokens, hidden, vocab).
 GPU_SHAPES = {
@@ -41,6 +42,8 @@ class CCEBenchConfig:
     """Options of ``lmforge bench cce``."""
 
     shapes: list[str] | None = None  # names from GPU_SHAPES / CPU_SHAPES, or "NxDxV"; None = device default
+    regimes: tuple[str, ...] = ("random",)  # random | calibrated | real (see lmforge.cce.regimes)
+    real_path: str | None = None  # file from bench/cce_real_data.py (the real regime; SmolLM2 shape only)
     dtype: str = "auto"  # "auto" = bfloat16 on CUDA, float32 on CPU
     impls: tuple[str, ...] = ("lmforge", "torch")
     device: str = "auto"
@@ -60,15 +63,6 @@ def parse_shape(name: str) -> tuple[int, int, int]:
         known = sorted(set(GPU_SHAPES) | set(CPU_SHAPES))
         raise ValueError(f"shape must be one of {known} or 'NxDxV', got {name!r}")
     return tuple(int(x) for x in m.groups())
-
-
-def make_inputs(n, d, v, dtype, device, seed=0):
-    """Gaussian hidden states and a classifier scaled so logits have unit variance (near-uniform softmax)."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    e = torch.randn(n, d, generator=g).to(device, dtype)
-    c = (torch.randn(v, d, generator=g) / d ** 0.5).to(device, dtype)
-    t = torch.randint(0, v, (n,), generator=g).to(device)
-    return e, c, t
 
 
 def torch_loss(e, c, t):
@@ -254,15 +248,21 @@ def run_benchmark(config: CCEBenchConfig, progress: bool = True) -> dict:
     out_dir = Path(config.out_dir or Path("runs") / "bench-cce" / time.strftime("%Y%m%d-%H%M%S"))
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    rows = []
-    bar = tqdm(total=len(shapes) * (len(config.impls) + 1), desc="bench cce", disable=not progress)
-    for name, (n, d, v) in shapes.items():
-        e, c, t = make_inputs(n, d, v, dtype, device, config.seed)
-        bar.set_postfix_str(f"{name}: float64 reference")
+    rows, stats = [], {}
+    jobs = [(name, regime) for name in shapes for regime in config.regimes
+            if regime != "real" or shapes[name][1:] == CPU_SHAPES["smollm2-135m"][1:]]
+    bar = tqdm(total=len(jobs) * (len(config.impls) + 1), desc="bench cce", disable=not progress)
+    for name, regime in jobs:
+        n, d, v = shapes[name]
+        e, c, t = make_inputs(regime, n, d, v, dtype=dtype, device=device, seed=config.seed,
+                              real_path=config.real_path)
+        bar.set_postfix_str(f"{name}/{regime}: float64 reference")
         ref = float64_reference(e, c, t)
+        if regime != "random":
+            stats[f"{name}/{regime}"] = regime_stats(e, c, t)
         bar.update()
         for impl in config.impls:
-            bar.set_postfix_str(f"{name}: {impl}")
+            bar.set_postfix_str(f"{name}/{regime}: {impl}")
             try:
                 row = measure(impl, loss_function(impl), e, c, t, ref,
                               warmup=config.warmup, repeats=config.repeats)
@@ -272,13 +272,13 @@ def run_benchmark(config: CCEBenchConfig, progress: bool = True) -> dict:
                 row = dict(impl=impl, error=f"{type(err).__name__}: {err}"[:300])
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            rows.append(dict(shape=name, n=n, d=d, v=v, **row))
+            rows.append(dict(shape=name, regime=regime, n=n, d=d, v=v, **row))
             bar.update()
         del e, c, t, ref
     bar.close()
     result = dict(device=_device_name(device), dtype=str(dtype).replace("torch.", ""),
                   torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
-                  config=dataclasses.asdict(config), rows=rows)
+                  config=dataclasses.asdict(config), regime_stats=stats, rows=rows)
     _write_atomic(out_dir / "results.json", json.dumps(result, indent=2))
     _write_atomic(out_dir / "results.md", markdown_table(result))
     result["out_dir"] = str(out_dir)
@@ -302,15 +302,17 @@ def _write_atomic(path: Path, text: str):
 def markdown_table(result: dict) -> str:
     lines = [f"Device: {result['device']}; dtype {result['dtype']}; torch {result['torch']}; {result['date']}",
              "",
-             "| shape (N x D x V) | impl | fwd ms | fwd+bwd ms | fwd extra MB | fwd+bwd extra MB "
+             "| shape (N x D x V) | regime | impl | fwd ms | fwd+bwd ms | fwd extra MB | fwd+bwd extra MB "
              "| loss rel err | dE rel err | dC rel err |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         if "error" in r:
-            lines.append(f"| {r['shape']} ({r['n']}x{r['d']}x{r['v']}) | {r['impl']} | failed: {r['error'][:80]} |"
-                         + " |" * 7)
+            lines.append(f"| {r['shape']} ({r['n']}x{r['d']}x{r['v']}) | {r['regime']} | {r['impl']} "
+                         f"| failed: {r['error'][:80]} |" + " |" * 6)
             continue
-        lines.append(f"| {r['shape']} ({r['n']}x{r['d']}x{r['v']}) | {r['impl']} | {r['fwd_ms']:.2f} "
+        lines.append(f"| {r['shape']} ({r['n']}x{r['d']}x{r['v']}) | {r['regime']} | {r['impl']} | {r['fwd_ms']:.2f} "
                      f"| {r['fwd_bwd_ms']:.2f} | {r['fwd_mb']:.1f} | {r['fwd_bwd_mb']:.1f} "
                      f"| {r['loss_err']:.1e} | {r['de_err']:.1e} | {r['dc_err']:.1e} |")
+    for key, st in result.get("regime_stats", {}).items():
+        lines.append(f"\n{key}: " + ", ".join(f"{k} {v:.4g}" for k, v in st.items()))
     return "\n".join(lines) + "\n"

@@ -15,7 +15,7 @@ import torch
 try:
     import triton
 
-    from lmforge.cce.kernels.backward import lse_backward_kernel
+    from lmforge.cce.kernels.backward import logit_grad_kernel
     from lmforge.cce.kernels.forward import lse_forward_kernel
 
     HAS_TRITON = True
@@ -56,31 +56,43 @@ def _launch_kwargs(cfg: dict) -> dict:
     return dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
-def forward_stats(e, c, bias, targets, *, softcap=None, need_sum=False, need_mu=False):
+def _split_count(n_blocks: int, v_tiles: int, device: torch.device) -> int:
+    if device.type == "cuda":
+        # Enough programs to fill every SM about twice over; each walks a contiguous vocabulary split.
+        return max(1, min(v_tiles, math.ceil(2 * _num_sms(device.index or 0) / n_blocks)))
+    return min(v_tiles, 4)
+
+
+def forward_stats(e, c, bias, targets, *, softcap=None, need_sum=False, need_mu=False, perm=None,
+                  map_sub=None):
+    """The four statistics; with ``perm`` the vocabulary is visited in that order, and with ``map_sub``
+    a tile map for the backward's filter is returned as a fifth value (else None)."""
     n, d = e.shape
     vocab = c.shape[0]
     cfg = _blocks(e.dtype, e.device, d)
     n_blocks = triton.cdiv(n, cfg["BLOCK_N"])
     v_tiles = triton.cdiv(vocab, cfg["BLOCK_V"])
-    if e.device.type == "cuda":
-        # Enough programs to fill every SM about twice over; each walks a contiguous vocabulary split.
-        splits = max(1, min(v_tiles, math.ceil(2 * _num_sms(e.device.index or 0) / n_blocks)))
-    else:
-        splits = min(v_tiles, 4)
+    splits = _split_count(n_blocks, v_tiles, e.device)
     v_per_split = triton.cdiv(v_tiles, splits) * cfg["BLOCK_V"]
     splits = triton.cdiv(vocab, v_per_split)
-    part = torch.empty((5, splits, n), dtype=torch.float32, device=e.device)
-    m_part, s_part, w_part, sum_part, tgt_part = part.unbind(0)
+    n_parts = 3 + need_sum + need_mu
+    part = torch.empty((n_parts, splits, n), dtype=torch.float32, device=e.device)
+    m_part, s_part, tgt_part = part[0], part[1], part[2]
+    w_part = part[3] if need_mu else m_part
+    sum_part = part[3 + need_mu] if need_sum else m_part
+    sub = map_sub or cfg["BLOCK_N"]
+    tile_map = (torch.empty((triton.cdiv(n, sub), v_tiles), dtype=torch.float16, device=e.device)
+                if map_sub else m_part)
     lse_forward_kernel[(n_blocks, splits)](
-        e, c, bias if bias is not None else e, targets,
-        m_part, s_part, w_part, sum_part, tgt_part,
-        n, vocab, d, v_per_split,
+        e, c, bias if bias is not None else e, targets, perm if perm is not None else targets,
+        m_part, s_part, w_part, sum_part, tgt_part, tile_map,
+        n, vocab, d, v_per_split, tile_map.stride(0) if map_sub else 0,
         e.stride(0), e.stride(1), c.stride(0), c.stride(1),
         float(softcap) if softcap is not None else 1.0,
-        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
-        NEED_SUM=need_sum, NEED_MU=need_mu,
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HAS_PERM=perm is not None,
+        WRITE_MAP=map_sub is not None, NEED_SUM=need_sum, NEED_MU=need_mu,
         DOT_PRECISION=_dot_precision(e.dtype), UPCAST_DOT=interpreting(),
-        BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BLOCK_D"],
+        BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BLOCK_D"], SUB=sub,
         **_launch_kwargs(cfg),
     )
     m = m_part.amax(dim=0)
@@ -90,7 +102,7 @@ def forward_stats(e, c, bias, targets, *, softcap=None, need_sum=False, need_mu=
     target_logit = tgt_part.sum(dim=0)
     sum_logit = sum_part.sum(dim=0) if need_sum else torch.zeros_like(lse)
     mean_logit = (w_part * weights).sum(dim=0) / s if need_mu else torch.zeros_like(lse)
-    return lse, target_logit, sum_logit, mean_logit
+    return lse, target_logit, sum_logit, mean_logit, (tile_map if map_sub else None)
 
 
 def vocab_order(e, c, bias) -> torch.Tensor:
@@ -106,39 +118,108 @@ def vocab_order(e, c, bias) -> torch.Tensor:
     return torch.argsort(score, descending=True).to(torch.int32)
 
 
+def map_granularity(dtype: torch.dtype, device: torch.device, d: int) -> int:
+    """Rows per entry of the forward's tile map (half a backward tile: tighter bounds, small map)."""
+    return max(16, _blocks(dtype, device, d)["BLOCK_N"] // 2)
+
+
+def slab_columns(n: int, vocab: int, device: torch.device, block_v: int) -> int:
+    """Vocabulary columns per backward slab: the dz slab (n x S) is the backward's main workspace."""
+    if device.type != "cuda":
+        return min(triton.cdiv(vocab, block_v), 4) * block_v
+    cols = max(block_v, (1 << 24) // max(n, 1) // block_v * block_v)  # ~32 MB of bf16 dz
+    return min(cols, triton.cdiv(vocab, block_v) * block_v)
+
+
+_FP32_OUT_GEMM: dict = {}
+
+
+def _accumulate_matmul(out32: torch.Tensor, a: torch.Tensor, b: torch.Tensor):
+    """out32 += a @ b for low-precision a, b, accumulated in fp32 (no rounding of the partial product).
+
+    On CUDA, cuBLAS can write a bf16 x bf16 product straight into an fp32 matrix (torch's addmm with
+    out_dtype); elsewhere, or on a torch without it, the operands are upcast (slab-sized temporaries).
+    """
+    if a.dtype == out32.dtype:
+        out32.addmm_(a, b)
+        return
+    key = (out32.device.type, a.dtype)
+    if _FP32_OUT_GEMM.get(key, a.is_cuda):
+        try:
+            torch.addmm(out32, a, b, out_dtype=torch.float32, out=out32)
+            _FP32_OUT_GEMM[key] = True
+            return
+        except (TypeError, RuntimeError, NotImplementedError):
+            _FP32_OUT_GEMM[key] = False
+    out32.addmm_(a.float(), b.float())
+
+
 def backward(e, c, bias, targets, lse, mean_logit, g_lse, g_tgt, g_sum, g_mu, *, softcap=None,
-             need_de=True, need_dc=True, need_db=False, filter_eps=None):
+             need_de=True, need_dc=True, need_db=False, filter_eps=None, perm=None, tile_map=None,
+             map_sub=None):
     n, d = e.shape
     vocab = c.shape[0]
     cfg = _blocks(e.dtype, e.device, d)
-    use_filter = filter_eps is not None and g_sum is None
-    perm = vocab_order(e, c, bias) if use_filter else torch.arange(vocab, device=c.device, dtype=torch.int32)
+    use_filter = filter_eps is not None and tile_map is not None and g_sum is None
+    # Each row's target as a position in the visiting order (-1: none), so tiles holding one are kept.
+    valid = (targets >= 0) & (targets < vocab)
+    if perm is not None:
+        inverse = torch.empty(vocab, dtype=torch.int32, device=c.device)
+        inverse[perm.long()] = torch.arange(vocab, dtype=torch.int32, device=c.device)
+        target_pos = torch.where(valid, inverse[targets.clamp(0, vocab - 1).long()], -1).to(torch.int32)
+        del inverse
+    else:
+        target_pos = torch.where(valid, targets, -1).to(torch.int32)
+    slab = slab_columns(n, vocab, e.device, cfg["BLOCK_V"])
+    dz = torch.empty((n, slab), dtype=e.dtype, device=e.device)
     de32 = torch.zeros((n, d), dtype=torch.float32, device=e.device) if need_de else None
-    dc32 = torch.zeros((vocab, d), dtype=torch.float32, device=c.device) if need_dc else None
+    dc = torch.empty_like(c) if need_dc else None
     db32 = torch.zeros(vocab, dtype=torch.float32, device=c.device) if need_db else None
     dummy = lse
-    grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(vocab, cfg["BLOCK_V"]))
-    lse_backward_kernel[grid](
-        e, c, bias if bias is not None else dummy, targets, perm, lse,
-        mean_logit if g_mu is not None else dummy,
-        g_lse if g_lse is not None else dummy, g_tgt if g_tgt is not None else dummy,
-        g_sum if g_sum is not None else dummy, g_mu if g_mu is not None else dummy,
-        de32 if need_de else dummy, dc32 if need_dc else dummy, db32 if need_db else dummy,
-        n, vocab, d,
-        e.stride(0), e.stride(1), c.stride(0), c.stride(1),
-        de32.stride(0) if need_de else 0, de32.stride(1) if need_de else 0,
-        dc32.stride(0) if need_dc else 0, dc32.stride(1) if need_dc else 0,
-        float(softcap) if softcap is not None else 1.0,
-        float(filter_eps) if use_filter else 0.0,
-        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
-        HAS_G_LSE=g_lse is not None, HAS_G_TGT=g_tgt is not None,
-        HAS_G_SUM=g_sum is not None, HAS_G_MU=g_mu is not None,
-        NEED_DE=need_de, NEED_DC=need_dc, NEED_DB=need_db,
-        FILTER=use_filter, DOT_PRECISION=_dot_precision(e.dtype), UPCAST_DOT=interpreting(),
-        BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BLOCK_D"],
-        **_launch_kwargs(cfg),
-    )
+    log_eps = math.log(filter_eps) if use_filter else 0.0
+    for start in range(0, vocab, slab):
+        cols = min(slab, vocab - start)
+        grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(cols, cfg["BLOCK_V"]))
+        logit_grad_kernel[grid](
+            e, c, bias if bias is not None else dummy, perm if perm is not None else target_pos,
+            target_pos, lse, mean_logit if g_mu is not None else dummy,
+            tile_map if use_filter else dummy,
+            g_lse if g_lse is not None else dummy, g_tgt if g_tgt is not None else dummy,
+            g_sum if g_sum is not None else dummy, g_mu if g_mu is not None else dummy, dz,
+            n, vocab, d, start, cols, tile_map.stride(0) if use_filter else 0,
+            e.stride(0), e.stride(1), c.stride(0), c.stride(1), dz.stride(0),
+            float(softcap) if softcap is not None else 1.0, log_eps,
+            HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HAS_PERM=perm is not None,
+            FILTER=use_filter,
+            HAS_G_LSE=g_lse is not None, HAS_G_TGT=g_tgt is not None,
+            HAS_G_SUM=g_sum is not None, HAS_G_MU=g_mu is not None,
+            DOT_PRECISION=_dot_precision(e.dtype), UPCAST_DOT=interpreting(),
+            BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BLOCK_D"], SUB=map_sub or cfg["BLOCK_N"],
+            **_launch_kwargs(cfg),
+        )
+        dz_slab = dz[:, :cols]
+        if perm is not None:
+            index = perm[start:start + cols].long()
+            c_slab = c.index_select(0, index) if need_de else None
+        else:
+            index, c_slab = None, c[start:start + cols]
+        if need_dc:
+            # The whole token dimension in one product: dC rows are complete and rounded once.
+            dc_slab = dz_slab.t() @ e
+            if index is None:
+                dc[start:start + cols] = dc_slab
+            else:
+                dc.index_copy_(0, index, dc_slab)
+            del dc_slab
+        if need_de:
+            _accumulate_matmul(de32, dz_slab, c_slab)
+        if need_db:
+            col_sum = dz_slab.sum(dim=0, dtype=torch.float32)
+            if index is None:
+                db32[start:start + cols] += col_sum
+            else:
+                db32.index_add_(0, index, col_sum)
+    del dz
     de = de32.to(e.dtype) if need_de else None
-    dc = dc32.to(c.dtype) if need_dc else None
     db = db32.to(bias.dtype) if need_db else None
     return de, dc, db

@@ -1,16 +1,22 @@
 """Forward kernel: per-token log-sum-exp and target logit without writing logits.
 
-Tiling. The (N x V) logit matrix z = softcap(E C^T + b) is cut into BLOCK_N x BLOCK_V tiles. Program
-(pid_n, pid_s) owns rows [pid_n * BLOCK_N, +BLOCK_N) and one contiguous vocabulary split of
-``v_per_split`` columns (a multiple of BLOCK_V). It walks its split tile by tile; for each tile it
-accumulates E[rows] C[cols]^T over D in BLOCK_D steps with tl.dot (fp32 accumulator, on chip),
-applies bias and softcap, and folds the tile into an online log-sum-exp (running max m, running
-sum s = sum exp(z - m)), plus, when asked, the softmax-weighted logit sum w = sum exp(z - m) z, the
-plain logit sum, and the target logit if the target falls in this tile.
+Tiling. The (N x V) logit matrix z = softcap(E C^T + b) is cut into BLOCK_N x BLOCK_V tiles. The
+vocabulary is visited in the order ``Perm`` (sorted by mean logit when the backward will filter, else
+the identity). Program (pid_n, pid_s) owns rows [pid_n * BLOCK_N, +BLOCK_N) and one contiguous split of
+``v_per_split`` sorted positions (a multiple of BLOCK_V). It walks its split tile by tile; for each tile
+it accumulates E[rows] C[perm]^T over D in BLOCK_D steps with tl.dot (fp32 accumulator, on chip),
+applies bias and softcap, and folds the tile into an online log-sum-exp (running max m, running sum
+s = sum exp(z - m)), plus, when asked, the softmax-weighted logit sum w = sum exp(z - m) z, the plain
+logit sum, and the target logit if the target falls in this tile.
+
+Tile map. With WRITE_MAP, each tile also records, for every SUB consecutive rows, the largest per-row
+log of the tile's softmax numerator mass, log sum_{j in tile} exp(z_ij). Once lse is known, the backward
+bounds the probability mass a row puts in the tile by exp(map - lse) and skips negligible tiles without
+recomputing them. (N / SUB) x (V / BLOCK_V) fp16 values: 0.5 MB at N = 8192, V = 256000.
 
 Global memory. Reads: E[rows] once per vocabulary tile (N * D * V / BLOCK_V elements in all) and each
-C row once per token block (V * D * N / BLOCK_N elements). Writes: five fp32 partials per (split, row):
-(SPLITS x N) floats each, combined by a few tiny torch ops in the launcher. Nothing of size N x V.
+C row once per token block (V * D * N / BLOCK_N elements). Writes: fp32 partials per (split, row),
+combined by a few tiny torch ops in the launcher, and the tile map. Nothing of size N x V.
 
 Bounds. 2 N V D FLOP on the tensor cores; bytes ~ 2 (N D V / BLOCK_V + V D N / BLOCK_N) for bf16, so
 with 128 x 128 tiles the kernel is matmul-bound for D >= ~256 (H200: ~790 TFLOP/s bf16 measured).
@@ -37,15 +43,15 @@ def _dot(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
 
 @triton.jit
 def lse_forward_kernel(
-    E, C, Bias, Targets,
-    M_out, S_out, W_out, Sum_out, Tgt_out,
-    N, V, D, v_per_split,
+    E, C, Bias, Targets, Perm,
+    M_out, S_out, W_out, Sum_out, Tgt_out, Map,
+    N, V, D, v_per_split, stride_map,
     stride_en, stride_ed, stride_cv, stride_cd,
     softcap,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_PERM: tl.constexpr, WRITE_MAP: tl.constexpr,
     NEED_SUM: tl.constexpr, NEED_MU: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, SUB: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -64,8 +70,12 @@ def lse_forward_kernel(
         v0 = v_begin + v_step
         # v_per_split is a multiple of BLOCK_V, so only the last split can run past V.
         if v0 < V:
-            cols = v0 + tl.arange(0, BLOCK_V)
-            col_ok = cols < V
+            pos = v0 + tl.arange(0, BLOCK_V)
+            col_ok = pos < V
+            if HAS_PERM:
+                cols = tl.load(Perm + pos, mask=col_ok, other=0).to(tl.int64)
+            else:
+                cols = pos
             acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
             for d0 in range(0, D, BLOCK_D):
                 d = d0 + offs_d
@@ -83,7 +93,16 @@ def lse_forward_kernel(
             m_new = tl.maximum(m, tl.max(z, axis=1))
             scale = tl.exp(m - m_new)
             p = tl.exp(z - m_new[:, None])
-            s = s * scale + tl.sum(p, axis=1)
+            tile_mass = tl.sum(p, axis=1)
+            s = s * scale + tile_mass
+            if WRITE_MAP:
+                log_mass = m_new + tl.log(tile_mass)
+                sub_max = tl.max(tl.reshape(log_mass, (BLOCK_N // SUB, SUB)), axis=1)
+                subs = pid_n * (BLOCK_N // SUB) + tl.arange(0, BLOCK_N // SUB)
+                # Round up before fp16 so the stored bound never undershoots.
+                bound = sub_max + 1e-3 * tl.abs(sub_max) + 1e-3
+                tl.store(Map + subs * stride_map + v0 // BLOCK_V, bound.to(tl.float16),
+                         mask=subs < tl.cdiv(N, SUB))
             if NEED_MU:
                 w = w * scale + tl.sum(tl.where(col_ok[None, :], p * acc, 0.0), axis=1)
             if NEED_SUM:
