@@ -76,40 +76,68 @@ def random_inputs(n, d, v, *, dtype, device, seed=0):
     return e.to(device, dtype), c.to(device, dtype), t.to(device)
 
 
-# Parameters of the calibrated generator (fitted on the SmolLM2 shape, see docs/benchmarks.md).
-CALIBRATED = dict(zipf=1.0, zipf_scale=1.1, background=1.3, candidates=24, peak=9.5, peak_decay=0.55,
-                  peak_jitter=1.0)
+# Parameters of the calibrated generator (fitted on the SmolLM2 shape against the real regime's
+# statistics; see docs/benchmarks.md). Per-row entropies follow a Gamma law with the real mean.
+CALIBRATED = dict(zipf=2.2, candidate_zipf=0.5, background=0.5, candidates=96, peak=7.0, peak_decay=0.18,
+                  peak_jitter=1.0, entropy_mean=1.55, entropy_shape=1.0)
+
+
+def _row_temperatures(e, c, target_entropy, iters=20):
+    """Per-row factors tau with H(softmax(tau * e_i @ c^T)) = target_entropy_i (bisection in log tau)."""
+    lo = torch.full_like(target_entropy, -4.0)
+    hi = torch.full_like(target_entropy, 4.0)
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        logp = torch.log_softmax(mid.exp()[:, None] * (e @ c.T), dim=-1)
+        entropy = -(logp.exp() * logp).sum(-1)
+        sharper = entropy > target_entropy  # too flat: raise the temperature factor
+        lo = torch.where(sharper, mid, lo)
+        hi = torch.where(sharper, hi, mid)
+    return ((lo + hi) / 2).exp()
 
 
 @torch.no_grad()
-def calibrated_inputs(n, d, v, *, dtype, device, seed=0, params=None):
+def calibrated_inputs(n, d, v, *, dtype, device, seed=0, params=None, chunk=512):
     """Synthetic (e, c, targets) whose softmax statistics match the real regime (see module docstring).
 
-    Logits are z_ij = b_j + s * g_ij + sum_k h_ik [j == cand_ik], realised as a product e @ c^T:
-    the last coordinate carries the vocabulary prior b_j (a Zipf law over a random ranking, shifted with
-    log V so the prior's mass is the same at any vocabulary size), random unit directions carry the
-    Gaussian background g and the candidates' peaks h. Targets are sampled from softmax(z).
+    Logits are z_ij = tau_i (b_j + s g_ij + sum_k h_ik [j == cand_ik]), realised as a product e @ c^T:
+    the last coordinate carries the vocabulary prior b_j (a Zipf law over a random ranking, normalised so
+    its mass is the same at any vocabulary size), random unit directions carry the Gaussian background g
+    and the candidates' peaks h (candidates drawn from the prior, so frequent tokens are frequent
+    continuations). tau_i scales row i so its entropy equals a draw from a Gamma law with the real mean.
+    Targets are sampled from softmax(z). Work runs on ``device`` in float32, a chunk of rows at a time.
     """
     p = dict(CALIBRATED, **(params or {}))
     g = torch.Generator().manual_seed(seed)
     dirs = d - 1
     u = torch.randn(v, dirs, generator=g) / dirs ** 0.5
     rank = torch.randperm(v, generator=g).float() + 1
-    prior = -p["zipf_scale"] * p["zipf"] * torch.log(rank)
-    prior -= torch.logsumexp(prior, 0)  # a normalised log-prior: the same total mass for any V
+    prior = -p["zipf"] * torch.log(rank)
+    prior -= torch.logsumexp(prior, 0)
     c = torch.cat([u, prior[:, None]], dim=1)
-    # Candidate tokens: drawn from the prior, so frequent tokens are likely continuations.
-    cand = torch.multinomial(prior.exp(), n * p["candidates"], replacement=True, generator=g).view(n, -1)
+    # Candidates follow a flatter Zipf law over the same ranking: plausible continuations spread over the
+    # vocabulary (which sets tile occupancy) while the prior's own tail (which sets tail mass) stays light.
+    cand_weights = rank ** -p["candidate_zipf"]
+    cand = torch.multinomial(cand_weights, n * p["candidates"], replacement=True, generator=g).view(n, -1)
     level = p["peak"] + math.log(v / 49152) - p["peak_decay"] * torch.arange(p["candidates"]).float()
     heights = level + p["peak_jitter"] * torch.randn(n, p["candidates"], generator=g)
-    hidden = p["background"] * torch.randn(n, dirs, generator=g)
-    hidden += (heights[..., None] * u[cand]).sum(1)
-    e = torch.cat([hidden, torch.ones(n, 1)], dim=1)
-    targets = torch.empty(n, dtype=torch.long)
-    for start in range(0, n, 1024):
-        z = e[start:start + 1024] @ c.T
-        targets[start:start + 1024] = torch.multinomial(torch.softmax(z, -1), 1, generator=g).squeeze(1)
-    return e.to(device, dtype), c.to(device, dtype), targets.to(device)
+    gamma = torch.distributions.Gamma(torch.tensor(p["entropy_shape"]), torch.tensor(p["entropy_shape"] / p["entropy_mean"]))
+    torch.manual_seed(seed)
+    target_entropy = gamma.sample((n,)).clamp(0.02, 0.8 * math.log(v))
+    c_dev = c.to(device)
+    e_rows, targets = [], []
+    for start in range(0, n, chunk):
+        rows = slice(start, min(n, start + chunk))
+        hidden = p["background"] * torch.randn(rows.stop - start, dirs, generator=g)
+        hidden += (heights[rows, :, None] * u[cand[rows]]).sum(1)
+        e_chunk = torch.cat([hidden, torch.ones(rows.stop - start, 1)], dim=1).to(device)
+        tau = _row_temperatures(e_chunk, c_dev, target_entropy[rows].to(device))
+        e_chunk = e_chunk * tau[:, None]
+        probs = torch.softmax(e_chunk @ c_dev.T, -1).cpu()
+        targets.append(torch.multinomial(probs, 1, generator=g).squeeze(1))
+        e_rows.append(e_chunk)
+    e = torch.cat(e_rows)
+    return e.to(device, dtype), c_dev.to(dtype), torch.cat(targets).to(device)
 
 
 def real_inputs(path, *, dtype, device, n=None):

@@ -7,6 +7,7 @@ results are combined with ordinary (asynchronous) torch ops.
 from __future__ import annotations
 
 import functools
+import json
 import math
 import os
 
@@ -37,12 +38,20 @@ def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _blocks(dtype: torch.dtype, device: torch.device, d: int) -> dict:
+def _blocks(dtype: torch.dtype, device: torch.device, d: int, kind: str = "fwd") -> dict:
+    """Tile shapes and launch options; LMFORGE_CCE_CONFIG='{"fwd": {...}, "bwd": {...}}' overrides (tuning)."""
     if device.type != "cuda":  # interpreter: smallest legal tiles keep numpy work small
         return dict(BLOCK_N=16, BLOCK_V=16, BLOCK_D=16, num_warps=4, num_stages=1)
     if dtype == torch.float32:
-        return dict(BLOCK_N=64, BLOCK_V=64, BLOCK_D=32, num_warps=4, num_stages=2)
-    return dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=3)
+        cfg = dict(BLOCK_N=64, BLOCK_V=64, BLOCK_D=32, num_warps=4, num_stages=2)
+    elif kind == "fwd":  # tuned on the H200 (docs/cce-tuning.md)
+        cfg = dict(BLOCK_N=128, BLOCK_V=256, BLOCK_D=64, num_warps=8, num_stages=4)
+    else:
+        cfg = dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=3)
+    override = os.environ.get("LMFORGE_CCE_CONFIG")
+    if override:
+        cfg.update(json.loads(override).get(kind, {}))
+    return cfg
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -56,11 +65,20 @@ def _launch_kwargs(cfg: dict) -> dict:
     return dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
-def _split_count(n_blocks: int, v_tiles: int, device: torch.device) -> int:
-    if device.type == "cuda":
-        # Enough programs to fill every SM about twice over; each walks a contiguous vocabulary split.
-        return max(1, min(v_tiles, math.ceil(2 * _num_sms(device.index or 0) / n_blocks)))
-    return min(v_tiles, 4)
+def _split_count(n_rows: int, n_blocks: int, v_tiles: int, device: torch.device) -> int:
+    """Vocabulary splits per token block: the grid should end on a nearly full wave of programs, while
+    the (splits x N) partials stay within 0.5 MB."""
+    if device.type != "cuda":
+        return min(v_tiles, 4)
+    sms = _num_sms(device.index or 0)
+    most = max(1, min(v_tiles, (1 << 19) // (8 * max(n_rows, 1)), 64))
+    best, best_eff = 1, 0.0
+    for splits in range(1, most + 1):
+        waves = n_blocks * splits / sms
+        eff = waves / math.ceil(waves)
+        if eff >= best_eff - 1e-9 or (best_eff < 0.9 and eff > best_eff):
+            best, best_eff = splits, eff
+    return best
 
 
 def forward_stats(e, c, bias, targets, *, softcap=None, need_sum=False, need_mu=False, perm=None,
@@ -72,20 +90,20 @@ def forward_stats(e, c, bias, targets, *, softcap=None, need_sum=False, need_mu=
     cfg = _blocks(e.dtype, e.device, d)
     n_blocks = triton.cdiv(n, cfg["BLOCK_N"])
     v_tiles = triton.cdiv(vocab, cfg["BLOCK_V"])
-    splits = _split_count(n_blocks, v_tiles, e.device)
+    splits = _split_count(n, n_blocks, v_tiles, e.device)
     v_per_split = triton.cdiv(v_tiles, splits) * cfg["BLOCK_V"]
     splits = triton.cdiv(vocab, v_per_split)
-    n_parts = 3 + need_sum + need_mu
+    n_parts = 2 + need_sum + need_mu
     part = torch.empty((n_parts, splits, n), dtype=torch.float32, device=e.device)
-    m_part, s_part, tgt_part = part[0], part[1], part[2]
-    w_part = part[3] if need_mu else m_part
-    sum_part = part[3 + need_mu] if need_sum else m_part
+    l_part, tgt_part = part[0], part[1]
+    w_part = part[2] if need_mu else l_part
+    sum_part = part[2 + need_mu] if need_sum else l_part
     sub = map_sub or cfg["BLOCK_N"]
     tile_map = (torch.empty((triton.cdiv(n, sub), v_tiles), dtype=torch.float16, device=e.device)
-                if map_sub else m_part)
+                if map_sub else l_part)
     lse_forward_kernel[(n_blocks, splits)](
         e, c, bias if bias is not None else e, targets, perm if perm is not None else targets,
-        m_part, s_part, w_part, sum_part, tgt_part, tile_map,
+        l_part, w_part, sum_part, tgt_part, tile_map,
         n, vocab, d, v_per_split, tile_map.stride(0) if map_sub else 0,
         e.stride(0), e.stride(1), c.stride(0), c.stride(1),
         float(softcap) if softcap is not None else 1.0,
@@ -95,13 +113,14 @@ def forward_stats(e, c, bias, targets, *, softcap=None, need_sum=False, need_mu=
         BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BLOCK_D"], SUB=sub,
         **_launch_kwargs(cfg),
     )
-    m = m_part.amax(dim=0)
-    weights = torch.exp(m_part - m)  # splits that saw no column have m_part = -inf -> weight 0
-    s = (s_part * weights).sum(dim=0)
-    lse = m + torch.log(s)
+    lse = torch.logsumexp(l_part, dim=0)  # splits that saw no column hold -inf and weigh nothing
     target_logit = tgt_part.sum(dim=0)
     sum_logit = sum_part.sum(dim=0) if need_sum else torch.zeros_like(lse)
-    mean_logit = (w_part * weights).sum(dim=0) / s if need_mu else torch.zeros_like(lse)
+    if need_mu:
+        share = torch.exp(l_part - lse)
+        mean_logit = torch.where(share > 0, share * w_part, torch.zeros_like(w_part)).sum(dim=0)
+    else:
+        mean_logit = torch.zeros_like(lse)
     return lse, target_logit, sum_logit, mean_logit, (tile_map if map_sub else None)
 
 
@@ -111,16 +130,17 @@ def vocab_order(e, c, bias) -> torch.Tensor:
     Tokens with a large softmax mass share their columns with high-mean-logit vocabulary, so after
     sorting the negligible tiles gather in the tail, where filtering skips them.
     """
-    mean_e = e.float().mean(dim=0)
-    score = c.float() @ mean_e
+    mean_e = e.mean(dim=0, dtype=torch.float32).to(c.dtype)
+    score = torch.mv(c, mean_e).float()  # in c's dtype: an ordering needs no more, and no copy of c
     if bias is not None:
         score += bias.float()
     return torch.argsort(score, descending=True).to(torch.int32)
 
 
 def map_granularity(dtype: torch.dtype, device: torch.device, d: int) -> int:
-    """Rows per entry of the forward's tile map (half a backward tile: tighter bounds, small map)."""
-    return max(16, _blocks(dtype, device, d)["BLOCK_N"] // 2)
+    """Rows per entry of the forward's tile map: at most 64 (tighter bounds than a whole 128-row tile at
+    0.5 MB for 8192 x 256000), and a divisor of both kernels' BLOCK_N."""
+    return min(64, _blocks(dtype, device, d, "fwd")["BLOCK_N"], _blocks(dtype, device, d, "bwd")["BLOCK_N"])
 
 
 def slab_columns(n: int, vocab: int, device: torch.device, block_v: int) -> int:
@@ -159,8 +179,11 @@ def backward(e, c, bias, targets, lse, mean_logit, g_lse, g_tgt, g_sum, g_mu, *,
              map_sub=None):
     n, d = e.shape
     vocab = c.shape[0]
-    cfg = _blocks(e.dtype, e.device, d)
+    cfg = _blocks(e.dtype, e.device, d, "bwd")
     use_filter = filter_eps is not None and tile_map is not None and g_sum is None
+    map_v = _blocks(e.dtype, e.device, d)["BLOCK_V"]  # columns per tile-map entry (the forward's tiles)
+    if map_v % cfg["BLOCK_V"]:
+        raise ValueError("the backward's BLOCK_V must divide the forward's (the tile map's columns)")
     # Each row's target as a position in the visiting order (-1: none), so tiles holding one are kept.
     valid = (targets >= 0) & (targets < vocab)
     if perm is not None:
@@ -170,7 +193,7 @@ def backward(e, c, bias, targets, lse, mean_logit, g_lse, g_tgt, g_sum, g_mu, *,
         del inverse
     else:
         target_pos = torch.where(valid, targets, -1).to(torch.int32)
-    slab = slab_columns(n, vocab, e.device, cfg["BLOCK_V"])
+    slab = slab_columns(n, vocab, e.device, max(cfg["BLOCK_V"], map_v))
     dz = torch.empty((n, slab), dtype=e.dtype, device=e.device)
     de32 = torch.zeros((n, d), dtype=torch.float32, device=e.device) if need_de else None
     dc = torch.empty_like(c) if need_dc else None
@@ -195,7 +218,7 @@ def backward(e, c, bias, targets, lse, mean_logit, g_lse, g_tgt, g_sum, g_mu, *,
             HAS_G_SUM=g_sum is not None, HAS_G_MU=g_mu is not None,
             DOT_PRECISION=_dot_precision(e.dtype), UPCAST_DOT=interpreting(),
             BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BLOCK_D"], SUB=map_sub or cfg["BLOCK_N"],
-            **_launch_kwargs(cfg),
+            MAP_V=map_v, **_launch_kwargs(cfg),
         )
         dz_slab = dz[:, :cols]
         if perm is not None:

@@ -37,6 +37,7 @@ def logit_grad_kernel(
     HAS_G_LSE: tl.constexpr, HAS_G_TGT: tl.constexpr, HAS_G_SUM: tl.constexpr, HAS_G_MU: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, SUB: tl.constexpr,
+    MAP_V: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_v = tl.program_id(1)
@@ -55,7 +56,7 @@ def logit_grad_kernel(
     keep = True
     if FILTER:
         subs = pid_n * (BLOCK_N // SUB) + tl.arange(0, BLOCK_N // SUB)
-        tile = (slab_start + pid_v * BLOCK_V) // BLOCK_V
+        tile = (slab_start + pid_v * BLOCK_V) // MAP_V  # the forward's tile (MAP_V columns) holding ours
         log_mass = tl.load(Map + subs * stride_map + tile, mask=subs < tl.cdiv(N, SUB),
                            other=float("-inf")).to(tl.float32)
         min_lse = tl.min(tl.reshape(lse, (BLOCK_N // SUB, SUB)), axis=1)

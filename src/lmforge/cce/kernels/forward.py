@@ -15,7 +15,8 @@ bounds the probability mass a row puts in the tile by exp(map - lse) and skips n
 recomputing them. (N / SUB) x (V / BLOCK_V) fp16 values: 0.5 MB at N = 8192, V = 256000.
 
 Global memory. Reads: E[rows] once per vocabulary tile (N * D * V / BLOCK_V elements in all) and each
-C row once per token block (V * D * N / BLOCK_N elements). Writes: fp32 partials per (split, row),
+C row once per token block (V * D * N / BLOCK_N elements). Writes: fp32 partials per (split, row)
+(the split's log-sum-exp and target logit, and when asked its mean logits),
 combined by a few tiny torch ops in the launcher, and the tile map. Nothing of size N x V.
 
 Bounds. 2 N V D FLOP on the tensor cores; bytes ~ 2 (N D V / BLOCK_V + V D N / BLOCK_N) for bf16, so
@@ -44,7 +45,7 @@ def _dot(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
 @triton.jit
 def lse_forward_kernel(
     E, C, Bias, Targets, Perm,
-    M_out, S_out, W_out, Sum_out, Tgt_out, Map,
+    L_out, W_out, Sum_out, Tgt_out, Map,
     N, V, D, v_per_split, stride_map,
     stride_en, stride_ed, stride_cv, stride_cd,
     softcap,
@@ -111,11 +112,12 @@ def lse_forward_kernel(
             tgt += tl.sum(tl.where(is_target, acc, 0.0), axis=1)
             m = m_new
 
+    # One log-sum-exp per (split, row) -- and the split's softmax-weighted mean logit -- keep the
+    # partials small; a split that saw no column stores -inf.
     out = pid_s * N + rows
-    tl.store(M_out + out, m, mask=row_ok)
-    tl.store(S_out + out, s, mask=row_ok)
+    tl.store(L_out + out, m + tl.log(s), mask=row_ok)
     tl.store(Tgt_out + out, tgt, mask=row_ok)
     if NEED_MU:
-        tl.store(W_out + out, w, mask=row_ok)
+        tl.store(W_out + out, w / s, mask=row_ok)
     if NEED_SUM:
         tl.store(Sum_out + out, zsum, mask=row_ok)
