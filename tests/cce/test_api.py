@@ -206,7 +206,7 @@ def peaked_inputs(dtype, seed=0, v=V):
     """Hidden states aligned with their target's classifier row: a sharp softmax, like a trained LM."""
     g = torch.Generator().manual_seed(seed)
     c = torch.randn(v, D, generator=g)
-    t = torch.randint(0, v, (N,), generator=g)
+    t = torch.randint(0, max(8, v // 8), (N,), generator=g)  # targets in the head: target-free tiles exist
     e = 0.1 * c[t] + 0.3 * torch.randn(N, D, generator=g)  # mean NLL ~1.3 nats, like a trained LM
     return e.to(DEVICE, dtype).requires_grad_(), c.to(DEVICE, dtype).requires_grad_(), t.to(DEVICE)
 
@@ -234,7 +234,7 @@ def test_gradient_filter_skips_tiles_and_stays_accurate():
     assert rel_err(auto[0], e64.grad) < GRAD_TOL[torch.bfloat16]
     assert rel_err(auto[1], c64.grad) < GRAD_TOL[torch.bfloat16]
     # Skipping really happens: a coarse threshold drops visible mass, so the result moves.
-    assert rel_err(coarse[1], c64.grad) > 10 * rel_err(exact[1], c64.grad)
+    assert rel_err(coarse[1], exact[1]) > 1e-3  # far beyond the ~1e-4 of summation order
 
 
 def test_module_form():

@@ -130,8 +130,10 @@ def vocab_order(e, c, bias) -> torch.Tensor:
     Tokens with a large softmax mass share their columns with high-mean-logit vocabulary, so after
     sorting the negligible tiles gather in the tail, where filtering skips them.
     """
-    mean_e = e.mean(dim=0, dtype=torch.float32).to(c.dtype)
-    score = torch.mv(c, mean_e).float()  # in c's dtype: an ordering needs no more, and no copy of c
+    # Two matrix-vector products in the inputs' dtype: an ordering needs no more, and neither e nor c
+    # is copied (a float32 mean of e alone would cost N x D x 4 bytes of workspace).
+    ones = torch.full((e.shape[0],), 1.0 / e.shape[0], dtype=e.dtype, device=e.device)
+    score = torch.mv(c, torch.mv(e.t(), ones)).float()
     if bias is not None:
         score += bias.float()
     return torch.argsort(score, descending=True).to(torch.int32)

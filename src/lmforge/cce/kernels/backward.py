@@ -7,9 +7,8 @@ dC) and dE += dz C[slab] (accumulated over slabs in fp32). Peak extra memory is 
 fp32 copy of dE -- no fp32 copy of dC, no atomics.
 
 Tiling. One program per BLOCK_N x BLOCK_V tile of the slab. A program first consults the forward's
-tile map: if, for every SUB-row group, exp(map - min lse) < filter_eps (the tile holds less than
-filter_eps of any row's probability mass) and no row's target lies in the tile, it writes zeros and
-stops -- no loads of E or C. Otherwise it recomputes z = softcap(E[rows] C[perm]^T + b) over D in
+tile map: if every SUB-row group's bound says the tile holds less than filter_eps of any row's
+probability mass, and no row's target lies in the tile, it writes zeros and stops -- no loads of E or C. Otherwise it recomputes z = softcap(E[rows] C[perm]^T + b) over D in
 BLOCK_D steps (fp32 accumulator), forms
 
     dz = g_lse p + g_mu p (1 + z - mu) + g_sum + g_tgt [col == target],   p = exp(z - lse),
@@ -23,7 +22,7 @@ Bounds: 2 N S D FLOP per slab for the kept tiles (the recompute), then 4 N S D i
 import triton
 import triton.language as tl
 
-from lmforge.cce.kernels.forward import _dot, _tanh
+from lmforge.cce.kernels.forward import _logit_tile, _tanh
 
 
 @triton.jit
@@ -57,27 +56,14 @@ def logit_grad_kernel(
     if FILTER:
         subs = pid_n * (BLOCK_N // SUB) + tl.arange(0, BLOCK_N // SUB)
         tile = (slab_start + pid_v * BLOCK_V) // MAP_V  # the forward's tile (MAP_V columns) holding ours
-        log_mass = tl.load(Map + subs * stride_map + tile, mask=subs < tl.cdiv(N, SUB),
-                           other=float("-inf")).to(tl.float32)
-        min_lse = tl.min(tl.reshape(lse, (BLOCK_N // SUB, SUB)), axis=1)
-        keep = (tl.max(log_mass - min_lse) >= log_eps) | (tl.sum(is_target.to(tl.int32)) > 0)
+        log_share = tl.load(Map + subs * stride_map + tile, mask=subs < tl.cdiv(N, SUB),
+                            other=float("-inf")).to(tl.float32)
+        keep = (tl.max(log_share) >= log_eps) | (tl.sum(is_target.to(tl.int32)) > 0)
     if keep:
-        if HAS_PERM:
-            cols = tl.load(Perm + pos, mask=col_ok, other=0).to(tl.int64)
-        else:
-            cols = pos.to(tl.int64)
-        offs_d = tl.arange(0, BLOCK_D)
-        acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            d = d0 + offs_d
-            d_ok = d < D
-            e_blk = tl.load(E + rows[:, None] * stride_en + d[None, :] * stride_ed,
-                            mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-            c_blk = tl.load(C + cols[:, None] * stride_cv + d[None, :] * stride_cd,
-                            mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-            acc = _dot(e_blk, tl.trans(c_blk), acc, UPCAST_DOT, DOT_PRECISION)
-        if HAS_BIAS:
-            acc += tl.load(Bias + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        acc, cols = _logit_tile(E, C, Bias, Perm, rows, row_ok, pos, col_ok, D,
+                                stride_en, stride_ed, stride_cv, stride_cd, 1.0,
+                                HAS_BIAS, False, HAS_PERM, DOT_PRECISION, UPCAST_DOT,
+                                BLOCK_N, BLOCK_V, BLOCK_D)
         if HAS_SOFTCAP:
             th = _tanh(acc / softcap)
             acc = softcap * th

@@ -9,10 +9,12 @@ applies bias and softcap, and folds the tile into an online log-sum-exp (running
 s = sum exp(z - m)), plus, when asked, the softmax-weighted logit sum w = sum exp(z - m) z, the plain
 logit sum, and the target logit if the target falls in this tile.
 
-Tile map. With WRITE_MAP, each tile also records, for every SUB consecutive rows, the largest per-row
-log of the tile's softmax numerator mass, log sum_{j in tile} exp(z_ij). Once lse is known, the backward
-bounds the probability mass a row puts in the tile by exp(map - lse) and skips negligible tiles without
-recomputing them. (N / SUB) x (V / BLOCK_V) fp16 values: 0.5 MB at N = 8192, V = 256000.
+Tile map. With WRITE_MAP, each program first computes the log-sum-exp of its rows over the head of the
+sorted vocabulary (the first BLOCK_V positions), a lower bound lse_floor <= lse. Each tile then records,
+for every SUB consecutive rows, the largest log sum_{j in tile} exp(z_ij) - lse_floor_i: an upper bound
+on the log of the softmax mass any of those rows puts in the tile. The backward skips tiles whose bound
+is below log(filter_eps) without recomputing them. (N / SUB) x (V / BLOCK_V) fp16 values: 0.25 MB at
+N = 8192, V = 256000 with 256-wide tiles. Cost: one extra tile per program.
 
 Global memory. Reads: E[rows] once per vocabulary tile (N * D * V / BLOCK_V elements in all) and each
 C row once per token block (V * D * N / BLOCK_N elements). Writes: fp32 partials per (split, row)
@@ -43,6 +45,34 @@ def _dot(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _logit_tile(E, C, Bias, Perm, rows, row_ok, pos, col_ok, D,
+                stride_en, stride_ed, stride_cv, stride_cd, softcap,
+                HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_PERM: tl.constexpr,
+                DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+    """fp32 logits of rows x (vocabulary at sorted positions pos), and the vocabulary ids of pos."""
+    if HAS_PERM:
+        cols = tl.load(Perm + pos, mask=col_ok, other=0).to(tl.int64)
+    else:
+        cols = pos.to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + offs_d
+        d_ok = d < D
+        e_blk = tl.load(E + rows[:, None] * stride_en + d[None, :] * stride_ed,
+                        mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        c_blk = tl.load(C + cols[:, None] * stride_cv + d[None, :] * stride_cd,
+                        mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = _dot(e_blk, tl.trans(c_blk), acc, UPCAST_DOT, DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(Bias + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_SOFTCAP:
+        acc = softcap * _tanh(acc / softcap)
+    return acc, cols
+
+
+@triton.jit
 def lse_forward_kernel(
     E, C, Bias, Targets, Perm,
     L_out, W_out, Sum_out, Tgt_out, Map,
@@ -65,7 +95,19 @@ def lse_forward_kernel(
     w = tl.zeros((BLOCK_N,), tl.float32)
     zsum = tl.zeros((BLOCK_N,), tl.float32)
     tgt = tl.zeros((BLOCK_N,), tl.float32)
-    offs_d = tl.arange(0, BLOCK_D)
+    if WRITE_MAP:
+        # A lower bound of each row's lse from the head of the sorted vocabulary (one extra tile per
+        # program): the map stores tile masses relative to it, an upper bound of the probability mass
+        # that needs no cross-row comparison in the backward.
+        head = tl.arange(0, BLOCK_V)
+        head_ok = head < V
+        z_head, _ = _logit_tile(E, C, Bias, Perm, rows, row_ok, head, head_ok, D,
+                                stride_en, stride_ed, stride_cv, stride_cd, softcap,
+                                HAS_BIAS, HAS_SOFTCAP, HAS_PERM, DOT_PRECISION, UPCAST_DOT,
+                                BLOCK_N, BLOCK_V, BLOCK_D)
+        z_head = tl.where(head_ok[None, :], z_head, float("-inf"))
+        head_max = tl.max(z_head, axis=1)
+        lse_floor = head_max + tl.log(tl.sum(tl.exp(z_head - head_max[:, None]), axis=1))
     v_begin = pid_s * v_per_split
     for v_step in range(0, v_per_split, BLOCK_V):
         v0 = v_begin + v_step
@@ -73,23 +115,10 @@ def lse_forward_kernel(
         if v0 < V:
             pos = v0 + tl.arange(0, BLOCK_V)
             col_ok = pos < V
-            if HAS_PERM:
-                cols = tl.load(Perm + pos, mask=col_ok, other=0).to(tl.int64)
-            else:
-                cols = pos
-            acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
-            for d0 in range(0, D, BLOCK_D):
-                d = d0 + offs_d
-                d_ok = d < D
-                e_blk = tl.load(E + rows[:, None] * stride_en + d[None, :] * stride_ed,
-                                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-                c_blk = tl.load(C + cols[:, None] * stride_cv + d[None, :] * stride_cd,
-                                mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-                acc = _dot(e_blk, tl.trans(c_blk), acc, UPCAST_DOT, DOT_PRECISION)
-            if HAS_BIAS:
-                acc += tl.load(Bias + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-            if HAS_SOFTCAP:
-                acc = softcap * _tanh(acc / softcap)
+            acc, cols = _logit_tile(E, C, Bias, Perm, rows, row_ok, pos, col_ok, D,
+                                    stride_en, stride_ed, stride_cv, stride_cd, softcap,
+                                    HAS_BIAS, HAS_SOFTCAP, HAS_PERM, DOT_PRECISION, UPCAST_DOT,
+                                    BLOCK_N, BLOCK_V, BLOCK_D)
             z = tl.where(col_ok[None, :], acc, float("-inf"))
             m_new = tl.maximum(m, tl.max(z, axis=1))
             scale = tl.exp(m - m_new)
@@ -97,8 +126,8 @@ def lse_forward_kernel(
             tile_mass = tl.sum(p, axis=1)
             s = s * scale + tile_mass
             if WRITE_MAP:
-                log_mass = m_new + tl.log(tile_mass)
-                sub_max = tl.max(tl.reshape(log_mass, (BLOCK_N // SUB, SUB)), axis=1)
+                log_share = m_new + tl.log(tile_mass) - lse_floor  # >= log of the tile's softmax mass
+                sub_max = tl.max(tl.reshape(log_share, (BLOCK_N // SUB, SUB)), axis=1)
                 subs = pid_n * (BLOCK_N // SUB) + tl.arange(0, BLOCK_N // SUB)
                 # Round up before fp16 so the stored bound never undershoots.
                 bound = sub_max + 1e-3 * tl.abs(sub_max) + 1e-3

@@ -1,0 +1,70 @@
+"""Where the time goes in one forward+backward of lmforge's CCE (GPU): CUDA time per kernel name.
+
+    python bench/cce_profile.py --shape gemma2-2b --regime calibrated
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import torch  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+
+from lmforge.cce import linear_cross_entropy  # noqa: E402
+from lmforge.cce.benchmark import parse_shape  # noqa: E402
+from lmforge.cce.regimes import make_inputs  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="gemma2-2b")
+    ap.add_argument("--regime", default="calibrated")
+    ap.add_argument("--real-path", default=".benchdata/real.safetensors")
+    args = ap.parse_args()
+    n, d, v = parse_shape(args.shape)
+    e, c, t = make_inputs(args.regime, n, d, v, dtype=torch.bfloat16, device="cuda", real_path=args.real_path)
+    e.requires_grad_(True)
+    c.requires_grad_(True)
+
+    def step():
+        e.grad = c.grad = None
+        linear_cross_entropy(e, c, t).backward()
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    print(f"{args.shape} / {args.regime}")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
+
+
+
+def memory_probe(n=8192, d=2304, v=256000):
+    """Peak extra memory of the forward's pieces, to find its workspace."""
+    from lmforge.cce import triton_impl
+
+    e = torch.randn(n, d, device="cuda", dtype=torch.bfloat16)
+    c = torch.randn(v, d, device="cuda", dtype=torch.bfloat16) / d ** 0.5
+    t = torch.randint(0, v, (n,), device="cuda")
+    for name, fn in (("vocab_order", lambda: triton_impl.vocab_order(e, c, None)),
+                     ("forward_stats", lambda: triton_impl.forward_stats(e, c, None, t)),
+                     ("full forward", lambda: linear_cross_entropy(e.requires_grad_(), c, t))):
+        fn()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        out = fn()
+        torch.cuda.synchronize()
+        print(f"{name}: peak extra {(torch.cuda.max_memory_allocated() - base) / 2**20:.2f} MiB")
+        del out
+
+
+if __name__ == "__main__":
+    if "--memory" in sys.argv:
+        memory_probe()
+    else:
+        main()
