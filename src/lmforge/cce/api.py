@@ -27,9 +27,10 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 def auto_filter_eps(dtype: torch.dtype) -> float | None:
     """Gradient-filter threshold used by ``filter_eps="auto"``.
 
-    For 16-bit inputs, softmax entries below eps(dtype) / 32 (2^-12 for bfloat16, 2^-15 for float16)
-    cannot change a gradient that is rounded to that dtype, so tiles made only of them are skipped.
-    float32 and float64 inputs are not filtered: their users ask for exact gradients.
+    filter_eps bounds the softmax mass each row may lose to skipped tiles, summed over all of them
+    (each tile of the vocabulary gets an equal share). For 16-bit inputs the bound is eps(dtype) / 32
+    (2^-12 for bfloat16, 2^-15 for float16): a change the gradient's own rounding hides. float32 and
+    float64 inputs are not filtered: their users ask for exact gradients.
     """
     if dtype in (torch.bfloat16, torch.float16):
         return torch.finfo(dtype).eps / 32

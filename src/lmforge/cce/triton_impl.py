@@ -201,7 +201,10 @@ def backward(e, c, bias, targets, lse, mean_logit, g_lse, g_tgt, g_sum, g_mu, *,
     dc = torch.empty_like(c) if need_dc else None
     db32 = torch.zeros(vocab, dtype=torch.float32, device=c.device) if need_db else None
     dummy = lse
-    log_eps = math.log(filter_eps) if use_filter else 0.0
+    # filter_eps bounds the probability mass a row may lose in all: each of the map's tiles gets an equal
+    # share, so many individually negligible tiles cannot add up to a coherent error (on a near-uniform
+    # softmax they would: every entry is tiny, their sum is the whole gradient).
+    log_eps = math.log(filter_eps) - math.log(tile_map.shape[1]) if use_filter else 0.0
     for start in range(0, vocab, slab):
         cols = min(slab, vocab - start)
         grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(cols, cfg["BLOCK_V"]))
