@@ -32,6 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     cce = bench.add_parser("cce", help="lmforge's loss vs plain torch: time, memory, error vs float64")
     add_config_arguments(cce, CCEBenchConfig)
     cce.set_defaults(func=_bench_cce)
+
+    from lmforge.models.sft import add_sft_cli
+
+    add_sft_cli(commands)
     return parser
 
 
