@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/lmforge bench cce
+	$(BIN)/lmforge quickstart
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -36,6 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     from lmforge.models.sft import add_sft_cli
 
     add_sft_cli(commands)
+
+    from lmforge.quickstart import add_quickstart_cli
+
+    add_quickstart_cli(commands)
     return parser
 
 

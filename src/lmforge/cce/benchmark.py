@@ -74,6 +74,12 @@ def lmforge_loss(e, c, t):
     return linear_cross_entropy(e, c, t)
 
 
+def _torch_linear_cross_entropy():
+    if not hasattr(F, "linear_cross_entropy"):
+        raise RuntimeError(f"torch {torch.__version__} has no torch.nn.functional.linear_cross_entropy (2.13+)")
+    return lambda e, c, t: F.linear_cross_entropy(e, c, t)
+
+
 def _torch_compile():
     compiled = torch.compile(torch_loss, dynamic=False)
     return compiled
@@ -96,7 +102,7 @@ def _apple(impl):
 
 IMPLEMENTATIONS = {"lmforge": lmforge_loss, "torch": torch_loss}
 # Peers are imported only when asked for (they are optional, and only some run on the CPU).
-PEERS = {"torch_compile": _torch_compile, "liger": _liger, "apple_cce": _apple("cce"),
+PEERS = {"torch_lce": _torch_linear_cross_entropy, "torch_compile": _torch_compile, "liger": _liger, "apple_cce": _apple("cce"),
          "apple_cce_exact": _apple("cce_exact")}
 
 
