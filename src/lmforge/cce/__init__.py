@@ -7,5 +7,7 @@ for every log-probability it needs.
 """
 
 from lmforge.cce.api import LinearCrossEntropy, auto_filter_eps, linear_cross_entropy, token_logprobs
+from lmforge.cce.patch import is_patched, patch, unpatch
 
-__all__ = ["LinearCrossEntropy", "auto_filter_eps", "linear_cross_entropy", "token_logprobs"]
+__all__ = ["LinearCrossEntropy", "auto_filter_eps", "is_patched", "linear_cross_entropy", "patch",
+           "token_logprobs", "unpatch"]
