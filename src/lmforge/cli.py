@@ -37,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_sft_cli(commands)
 
+    from lmforge.evolve.run import add_evolve_cli
+
+    add_evolve_cli(commands)
+
     from lmforge.quickstart import add_quickstart_cli
 
     add_quickstart_cli(commands)
@@ -48,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError) as err:
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as err:
         parser.exit(2, f"lmforge: error: {err}\n")
 
 

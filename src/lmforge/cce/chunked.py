@@ -43,12 +43,6 @@ def _logits(e_chunk: torch.Tensor, c32: torch.Tensor, bias32, softcap):
     return th * softcap, th
 
 
-def _as_float32(t: torch.Tensor | None):
-    if t is None:
-        return None
-    return t if t.dtype == torch.float32 else t.float()
-
-
 def forward_stats(e, c, bias, targets, *, softcap=None, need_sum=False, need_mu=False,
                   chunk_elements=None):
     """Per-token (lse, target_logit, sum_logit, mean_logit), float32, shape (N,) each.
