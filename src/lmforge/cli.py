@@ -37,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_sft_cli(commands)
 
+    from lmforge.agent.evaluate import add_agent_cli
+
+    add_agent_cli(commands)
+
     from lmforge.evolve.run import add_evolve_cli
 
     add_evolve_cli(commands)

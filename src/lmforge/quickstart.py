@@ -6,6 +6,8 @@
    equal values, and the peak extra memory of each (VmHWM on the CPU, the allocator's peak on CUDA).
 3. A short LoRA SFT of the model on generated tool-integrated solutions (``lmforge sft``), with its
    loss curve.
+4. ``lmforge agent eval`` before and after that SFT on held-out generated problems (greedy,
+   tool-integrated rollouts in the sandbox): accuracy, tool use, per-level accuracy.
 
 Everything lands in one run folder with a report.md; the command prints where.
 """
@@ -33,6 +35,8 @@ class QuickstartConfig:
     sft_examples: int = 400
     sft_batch_size: int = 4
     sft_max_length: int = 256
+    eval_problems: int = 24  # held-out generated problems for agent eval before and after SFT
+    eval_levels: list[int] = dataclasses.field(default_factory=lambda: [1, 2])
     seed: int = 0
 
 
@@ -92,24 +96,39 @@ def run_quickstart(config: QuickstartConfig) -> dict:
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = _device(config.device)
-    print(f"[1/3] loading the embedded SmolLM2-135M-Instruct on {device} (converted once on first use)")
+    print(f"[1/4] loading the embedded SmolLM2-135M-Instruct on {device} (converted once on first use)")
     t0 = time.perf_counter()
     model, tokenizer = load_model(None, dtype="float32", device=device)
     load_s = time.perf_counter() - t0
     print(f"      loaded in {load_s:.1f} s")
 
-    print(f"[2/3] loss on {config.cce_tokens} tokens of tool-integrated solutions: logits vs lmforge.cce")
+    print(f"[2/4] loss on {config.cce_tokens} tokens of tool-integrated solutions: logits vs lmforge.cce")
     demo = cce_memory_demo(model, tokenizer, config.cce_tokens, config.seed)
     for name in ("materialised logits", "lmforge.cce"):
         print(f"      {name:20s} loss {demo[name]['loss']:.5f}  peak extra memory {demo[name]['peak_extra_mb']:.0f} MB")
-    del model
 
-    print(f"[3/3] LoRA SFT for {config.sft_steps} steps on generated tool-integrated solutions")
+    print(f"[3/4] LoRA SFT for {config.sft_steps} steps on generated tool-integrated solutions")
     sft = run_sft(SFTConfig(output_dir=str(out / "sft"), max_steps=config.sft_steps,
                             n_examples=config.sft_examples, batch_size=config.sft_batch_size,
                             max_length=config.sft_max_length, seed=config.seed, logging_steps=5,
                             save_steps=max(10, config.sft_steps // 2)))
-    report = _report(config, load_s, demo, sft)
+
+    print(f"[4/4] agent eval on {config.eval_problems} held-out problems, before and after SFT")
+    from lmforge.agent.evaluate import EvalConfig, run_eval
+
+    evals = {}
+    for name, adapter in (("before SFT", None), ("after SFT", sft["final_dir"])):
+        eval_config = EvalConfig(adapter=adapter, n_problems=config.eval_problems, levels=config.eval_levels,
+                                 split="test", max_tool_calls=3, max_new_tokens_per_turn=160,
+                                 max_total_tokens=768, device=device, dtype="float32", seed=config.seed,
+                                 output_dir=str(out / ("eval-before" if adapter is None else "eval-after")))
+        if adapter is None:
+            evals[name] = run_eval(eval_config, model=model, tokenizer=tokenizer)
+        else:
+            del model
+            evals[name] = run_eval(eval_config)
+        print(f"      {name}: accuracy {evals[name]['accuracy']:.1%}, tool use {evals[name]['tool_use_rate']:.0%}")
+    report = _report(config, load_s, demo, sft, evals)
     tmp = out / "report.md.tmp"
     tmp.write_text(report)
     tmp.replace(out / "report.md")
@@ -117,7 +136,7 @@ def run_quickstart(config: QuickstartConfig) -> dict:
     return dict(load_seconds=load_s, cce=demo, sft=sft, report=str(out / "report.md"))
 
 
-def _report(config, load_s, demo, sft) -> str:
+def _report(config, load_s, demo, sft, evals) -> str:
     logits, cce = demo["materialised logits"], demo["lmforge.cce"]
     saved = logits["peak_extra_mb"] / max(cce["peak_extra_mb"], 1e-9)
     plot = Path(sft["plot_path"]).relative_to(Path(config.output_dir)) if sft.get("plot_path") else None
@@ -144,6 +163,13 @@ def _report(config, load_s, demo, sft) -> str:
     ]
     if plot:
         lines.append(f"![loss curve]({plot})")
+    lines += ["", f"## Agent eval ({config.eval_problems} held-out generated problems, levels "
+              f"{config.eval_levels}, greedy, up to 3 tool calls)", "",
+              "| model | accuracy | tool use | mean tool calls | tool errors | unanswered |",
+              "|---|---:|---:|---:|---:|---:|"]
+    for name, m in evals.items():
+        lines.append(f"| {name} | {m['accuracy']:.1%} | {m['tool_use_rate']:.0%} | {m['mean_tool_calls']:.2f} "
+                     f"| {m['tool_error_rate']:.0%} | {m['unanswered_rate']:.0%} |")
     return "\n".join(lines) + "\n"
 
 
