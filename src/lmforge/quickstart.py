@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.config import add_config_arguments, config_from_args
+from lmforge.files import write_text_atomic
 
 
 @dataclasses.dataclass
@@ -129,9 +130,7 @@ def run_quickstart(config: QuickstartConfig) -> dict:
             evals[name] = run_eval(eval_config)
         print(f"      {name}: accuracy {evals[name]['accuracy']:.1%}, tool use {evals[name]['tool_use_rate']:.0%}")
     report = _report(config, load_s, demo, sft, evals)
-    tmp = out / "report.md.tmp"
-    tmp.write_text(report)
-    tmp.replace(out / "report.md")
+    write_text_atomic(out / "report.md", report)
     print(f"report: {out / 'report.md'}")
     return dict(load_seconds=load_s, cce=demo, sft=sft, report=str(out / "report.md"))
 

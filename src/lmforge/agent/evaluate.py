@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from lmforge.config import add_config_arguments, config_from_args
+from lmforge.files import write_text_atomic
 
 
 @dataclasses.dataclass
@@ -122,9 +123,9 @@ def run_eval(config: EvalConfig, *, model=None, tokenizer=None) -> dict:
             output_path=str(out / "sampled.jsonl"), **common))
     levels = {p.id: p.level for p in problems}
     metrics = summarise(greedy, sampled, levels=levels, ks=config.pass_k if sampled else ())
-    _write(out / "metrics.json", json.dumps(metrics, indent=2))
+    write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2))
     _plot(metrics, out / "accuracy.png")
-    _write(out / "report.md", _report(config, metrics))
+    write_text_atomic(out / "report.md", _report(config, metrics))
     metrics["output_dir"] = str(out)
     return metrics
 
@@ -139,12 +140,6 @@ def _renders_tool(tokenizer) -> bool:
     from lmforge.models.sft import template_renders_tool_role
 
     return template_renders_tool_role(tokenizer)
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def _plot(metrics: dict, path: Path) -> None:

@@ -19,7 +19,6 @@ validation and test never share a question, whatever seeds are used.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import random
 import re
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from lmforge.agent.grading import extract_answer, extract_boxed, remove_thousands_separators
+from lmforge.files import read_jsonl
 
 
 @dataclass(frozen=True)
@@ -57,22 +57,6 @@ class Problem:
 def _check_limit(limit: int | None) -> None:
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a positive int or None, got {limit!r}")
-
-
-def _read_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
-    """``(location, record)`` per non-blank line; ``location`` is ``"file:line"`` for messages."""
-    with path.open("r", encoding="utf-8") as lines:
-        for line_number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            location = f"{path}:{line_number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{location}: not valid JSON ({error.msg})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{location}: expected a JSON object, got {type(record).__name__}")
-            yield location, record
 
 
 def _looks_like_local_path(source: str) -> bool:
@@ -130,9 +114,9 @@ def _iter_records(
                 f"source: folder {path} has no {split}.jsonl for split={split!r} "
                 f"(JSONL files there: {present or 'none'})"
             )
-        return file.stem, _read_jsonl(file)
+        return file.stem, read_jsonl(file)
     if path.is_file():
-        return path.stem, _read_jsonl(path)
+        return path.stem, read_jsonl(path)
     if isinstance(source, os.PathLike) or _looks_like_local_path(str(source)):
         raise FileNotFoundError(f"source: no such file or folder: {path}")
     return split, _iter_hub_rows(str(source), hub_config, split)

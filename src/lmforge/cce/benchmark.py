@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from lmforge.cce.api import linear_cross_entropy
 from lmforge.cce.regimes import make_inputs, regime_stats
+from lmforge.files import write_text_atomic
 
 # Shapes from real models: (tokens, hidden, vocab).
 GPU_SHAPES = {
@@ -285,8 +286,8 @@ def run_benchmark(config: CCEBenchConfig, progress: bool = True) -> dict:
     result = dict(device=_device_name(device), dtype=str(dtype).replace("torch.", ""),
                   torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
                   config=dataclasses.asdict(config), regime_stats=stats, rows=rows)
-    _write_atomic(out_dir / "results.json", json.dumps(result, indent=2))
-    _write_atomic(out_dir / "results.md", markdown_table(result))
+    write_text_atomic(out_dir / "results.json", json.dumps(result, indent=2))
+    write_text_atomic(out_dir / "results.md", markdown_table(result))
     result["out_dir"] = str(out_dir)
     return result
 
@@ -297,12 +298,6 @@ def _device_name(device: torch.device) -> str:
     import platform
 
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
-def _write_atomic(path: Path, text: str):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def markdown_table(result: dict) -> str:

@@ -79,6 +79,7 @@ from lmforge.evolve.operators import (
     rank_by_fitness,
 )
 from lmforge.evolve.population import Adapter, FitnessCache, Individual, Population, weighted_fitness
+from lmforge.files import write_text_atomic
 from lmforge.models.loading import write_directory_atomically
 
 METHODS = ("genome", "genome+")
@@ -325,7 +326,7 @@ def _save_checkpoint(run: _Run, population: Population | None = None) -> None:
             population.save(staging / "population")
     for folder in older:
         shutil.rmtree(folder, ignore_errors=True)
-    _write_text(run.run_dir / "metrics.jsonl", "".join(json.dumps(t) + "\n" for t in run.state["timings"]))
+    write_text_atomic(run.run_dir / "metrics.jsonl", "".join(json.dumps(t) + "\n" for t in run.state["timings"]))
 
 
 def _load_checkpoint(run_dir: Path) -> tuple[dict, Population | None] | None:
@@ -338,13 +339,6 @@ def _load_checkpoint(run_dir: Path) -> tuple[dict, Population | None] | None:
         raise ValueError(f"{latest} is not a checkpoint of {STATE_FORMAT} version {STATE_VERSION}")
     population = Population.load(latest / "population") if (latest / "population").is_dir() else None
     return state, population
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Write a text file through a temporary name, so a crash never leaves half of it."""
-    temporary = path.with_name(f".{path.name}.partial")
-    temporary.write_text(text)
-    temporary.replace(path)
 
 
 def _timed(run: _Run, phase: str, started: float, **extra) -> None:
@@ -669,8 +663,8 @@ def _write_outputs(run: _Run, systems: dict, ensemble: dict, ensemble_name: str,
                     "member of higher validation fitness; unanswered votes are ignored",
             "members": [{"rank": i, "uid": uid, "val_fitness": f, "adapter_folder": f"ensemble/member-{i}"}
                         for i, (uid, f) in enumerate(zip(ensemble["member_uids"], ensemble["member_val_fitness"]))]}
-    _write_text(run_dir / "ensemble.json", json.dumps(spec, indent=1) + "\n")
-    _write_text(run_dir / "history.json", json.dumps(state["history"], indent=1) + "\n")
+    write_text_atomic(run_dir / "ensemble.json", json.dumps(spec, indent=1) + "\n")
+    write_text_atomic(run_dir / "history.json", json.dumps(state["history"], indent=1) + "\n")
     baselines = {"best expert": max(e["val_fitness"] for e in state["experts"]),
                  "uniform merge": state["uniform"]["val_fitness"],
                  "LoraHub": state["lorahub"]["best_val_fitness"]}
@@ -683,8 +677,8 @@ def _write_outputs(run: _Run, systems: dict, ensemble: dict, ensemble_name: str,
               "ensemble_k": ensemble["k"], "best_system": best_system,
               "lorahub_best_weights": dict(zip(run.expert_names, state["lorahub"]["best_weights"])),
               "experts": state["experts"]}
-    _write_text(run_dir / "result.json", json.dumps(result, indent=1) + "\n")
-    _write_text(run_dir / "report.md", _report(run, systems, ensemble, best_system, model_name))
+    write_text_atomic(run_dir / "result.json", json.dumps(result, indent=1) + "\n")
+    write_text_atomic(run_dir / "report.md", _report(run, systems, ensemble, best_system, model_name))
     return EvolveResult(run_dir=run_dir, test_accuracy=result["test_accuracy"],
                         val_fitness=result["val_fitness"], ensemble_k=ensemble["k"], best_system=best_system,
                         history=state["history"])
@@ -718,7 +712,7 @@ def run_evolution(config: EvolveConfig, *, resume: bool = False) -> EvolveResult
     else:
         state, active_population = _new_state(config), None
         run_dir.mkdir(parents=True, exist_ok=True)
-        _write_text(run_dir / "config.yaml", yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+        write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
 
     run = _setup(config, run_dir, state)
     _score_experts(run)
@@ -772,7 +766,7 @@ def measure_fitness_correlation(config: EvolveConfig, *, n_individuals: int = 16
               float("nan"), "seconds": time.perf_counter() - started, "rows": rows}
     path = Path(output) if output is not None else Path(config.run_dir).expanduser() / "fitness_correlation.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_text(path, json.dumps(result, indent=1) + "\n")
+    write_text_atomic(path, json.dumps(result, indent=1) + "\n")
     return result
 
 

@@ -73,6 +73,7 @@ import torch
 import yaml
 
 from lmforge.config import add_config_arguments, config_from_args
+from lmforge.files import read_jsonl, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -296,18 +297,10 @@ def load_conversations(path: str | os.PathLike) -> list[list[dict[str, str]]]:
     if not path.is_file():
         raise FileNotFoundError(f"data file {path} does not exist")
     conversations = []
-    with path.open("r", encoding="utf-8") as lines:
-        for line_number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{where}: not valid JSON ({err.msg})") from None
-            if not isinstance(record, dict) or "messages" not in record:
-                raise ValueError(f"{where}: expected an object with a 'messages' list")
-            conversations.append(check_messages(record["messages"], where))
+    for where, record in read_jsonl(path):
+        if "messages" not in record:
+            raise ValueError(f"{where}: expected an object with a 'messages' list")
+        conversations.append(check_messages(record["messages"], where))
     if not conversations:
         raise ValueError(f"data file {path} holds no conversations")
     return conversations
@@ -591,7 +584,7 @@ def _metrics_callback(path: Path) -> Any:
             # On resume the state (log history included) comes from the checkpoint; lines a crashed run wrote
             # after that checkpoint are dropped, because those steps are about to be trained again.
             if state.is_world_process_zero:
-                _write_text_atomically(path, "".join(json.dumps(entry) + "\n" for entry in state.log_history))
+                write_text_atomic(path, "".join(json.dumps(entry) + "\n" for entry in state.log_history))
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if state.is_world_process_zero and logs:
@@ -702,7 +695,7 @@ def run_sft(config: SFTConfig) -> dict[str, Any]:
                          f"tokens; raise max_length")
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        _write_text_atomically(run_dir / CONFIG_FILENAME, yaml.safe_dump(config.to_dict(), sort_keys=False))
+        write_text_atomic(run_dir / CONFIG_FILENAME, yaml.safe_dump(config.to_dict(), sort_keys=False))
 
     trainer = Trainer(
         model=model,
@@ -723,7 +716,7 @@ def run_sft(config: SFTConfig) -> dict[str, Any]:
         history = checkpoint_state["log_history"]
         global_step = checkpoint_state["global_step"]
         if is_main:
-            _write_text_atomically(run_dir / METRICS_FILENAME, "".join(json.dumps(e) + "\n" for e in history))
+            write_text_atomic(run_dir / METRICS_FILENAME, "".join(json.dumps(e) + "\n" for e in history))
             if not final_dir.is_dir():
                 _copy_checkpoint_model(checkpoint, final_dir)
     else:
@@ -762,7 +755,7 @@ def run_sft(config: SFTConfig) -> dict[str, Any]:
     }
     if is_main:
         plot_losses(history, run_dir / PLOT_FILENAME)
-        _write_text_atomically(run_dir / REPORT_FILENAME, _report(config, result, data_description))
+        write_text_atomic(run_dir / REPORT_FILENAME, _report(config, result, data_description))
     return result
 
 
@@ -906,13 +899,6 @@ def _report(config: SFTConfig, result: Mapping[str, Any], data_description: str)
         "",
     ]
     return "\n".join(lines)
-
-
-def _write_text_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
 
 
 # --------------------------------------------------------------------------------------------------
