@@ -344,8 +344,10 @@ def test_left_padded_batches_match_unpadded_generation(family, one_thread):
     model = build_tiny_model(family, torch.float32)  # (Gemma2 eager attention turns padding into NaN in float64)
     tiny_tokenizer = build_tiny_tokenizer()
     backend = TransformersBackend(model, tiny_tokenizer)
-    prompts = [tiny_tokenizer(text)["input_ids"] for text in ("Hi", "A longer prompt here.", "Mid size")]
-    budgets = [6, 3, 5]
+    # Repeated prompts (the samples of one problem) share one prefill; the outputs must not change.
+    texts = ("Hi", "A longer prompt here.", "Mid size", "Hi", "A longer prompt here.")
+    prompts = [tiny_tokenizer(text)["input_ids"] for text in texts]
+    budgets = [6, 3, 5, 4, 6]
     params = [SamplingParams(max_new_tokens=b, temperature=0, stop_token_ids=(2,)) for b in budgets]
     batched = backend.generate(prompts, params)
     for prompt, budget, output in zip(prompts, budgets, batched):
@@ -359,9 +361,26 @@ def test_left_padded_batches_match_unpadded_generation(family, one_thread):
 
     # Sampling is seeded per call: the same seed repeats a call, another seed does not.
     first, second, other = (
-        backend.generate(prompts, [SamplingParams(max_new_tokens=6, temperature=1.0, top_p=0.9, seed=seed)] * 3)
+        backend.generate(prompts, [SamplingParams(max_new_tokens=6, temperature=1.0, top_p=0.9, seed=seed)] * 5)
         for seed in (7, 7, 8))
     assert first == second != other
+
+
+def test_repeated_prompts_are_prefilled_once(one_thread):
+    model = build_tiny_model("qwen3")
+    tiny_tokenizer = build_tiny_tokenizer()
+    prompt = tiny_tokenizer("The same question, sampled four times.")["input_ids"]
+    shapes = []
+    hook = model.register_forward_pre_hook(lambda module, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)),
+                                           with_kwargs=True)
+    try:
+        outputs = TransformersBackend(model, tiny_tokenizer).generate(
+            [prompt] * 4, [SamplingParams(max_new_tokens=3, temperature=1.0, seed=0)] * 4)
+    finally:
+        hook.remove()
+    assert shapes[0] == (1, len(prompt) - 1)  # the shared prompt, once
+    assert shapes[1:] == [(4, 1)] * 3  # then the last prompt token and the decoding steps, per sample
+    assert len({tuple(o) for o in outputs}) > 1  # the samples still differ
 
 
 def test_backend_stops_right_after_a_code_block(smollm2, one_thread):

@@ -52,10 +52,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import uuid
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable, Sequence
+
+from lmforge.files import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -471,19 +472,7 @@ def append_trajectory(path: str | os.PathLike, trajectory: Trajectory) -> None:
 
 def write_trajectories(path: str | os.PathLike, trajectories: Iterable[Trajectory]) -> None:
     """Write ``trajectories`` as a JSON lines file, atomically (temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lines = [trajectory_to_json(t) + "\n" for t in trajectories]
-    staging = path.parent / f".{path.name}.partial-{uuid.uuid4().hex[:12]}"
-    try:
-        with open(staging, "w", encoding="utf-8") as handle:
-            handle.writelines(lines)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(staging, path)
-    except BaseException:
-        staging.unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, "".join(trajectory_to_json(t) + "\n" for t in trajectories))
 
 
 def read_trajectories(path: str | os.PathLike, *, repair: bool = False) -> list[Trajectory]:

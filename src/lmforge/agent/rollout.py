@@ -28,7 +28,8 @@ Backends implement :class:`GenerationBackend`: ``generate(prompts, params) -> sa
 :class:`SamplingParams` per prompt. A backend may stop early on the stop conditions (for speed) or
 not at all: the loop cuts every turn itself, so a backend that over-generates is slower, never
 wrong. :class:`TransformersBackend` batches with left padding and the KV cache of
-``model.generate``; each turn re-reads the trajectory's whole prefix (no cache across turns).
+``model.generate``, and prefills a prompt that several rows share (the samples of one problem)
+once; each turn re-reads the trajectory's whole prefix (no cache is kept across turns).
 
 Resuming: with ``output_path`` set, pairs already in the file are skipped, so a crashed or
 interrupted run continues where it stopped; a line torn by the crash is cut from the file. Sampling
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import inspect
 import logging
 import re
 import time
@@ -168,7 +170,8 @@ class TransformersBackend:
 
     Rows share one ``generate`` call when they share temperature, top-p, stop tokens and seed;
     per-row token budgets and code-block stops are stopping criteria, so a finished row stops
-    early and the call ends when every row has. ``max_batch_size`` splits larger requests.
+    early and the call ends when every row has. Rows with the same prompt are prefilled once and
+    the KV cache copied to each of them. ``max_batch_size`` splits larger requests.
     Sampling is plain temperature / top-p: ``top_k`` and repetition penalties of the model's
     generation config are switched off.
     """
@@ -191,6 +194,8 @@ class TransformersBackend:
         self.max_batch_size = max_batch_size
         self.pad_token_id = int(pad_id)
         self._backtick_tokens = None
+        self._cache_argument: str | None = None  # "cache" (transformers >= 5.x) or "past_key_values"
+        self._accepts_logits_to_keep = False
 
     @property
     def device(self):
@@ -259,19 +264,58 @@ class TransformersBackend:
             backtick_tokens=self._backtick_mask() if any(p.stop_at_code_block for p in params) else None,
             tokenizer=self.tokenizer,
         )
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        shared_cache = self._prefill_shared_prompts(prompts, input_ids, attention_mask)
         devices = [device] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices, enabled=shared.seed is not None):
             if shared.seed is not None:
                 torch.manual_seed(shared.seed)
             sequences = self.model.generate(
-                input_ids=input_ids.to(device),
-                attention_mask=attention_mask.to(device),
+                input_ids=input_ids,
+                attention_mask=attention_mask,
                 generation_config=config,
                 stopping_criteria=StoppingCriteriaList([stops]),
+                **shared_cache,
             )
         generated = sequences[:, width:].tolist()
         # Rows that finished early are padded; cutting at each row's own stop removes the padding.
         return [cut_turn(ids, p, self.tokenizer)[0] for ids, p in zip(generated, params)]
+
+    def _prefill_shared_prompts(self, prompts, input_ids, attention_mask) -> dict:
+        """Prefill each distinct prompt once when rows repeat prompts (the samples of one problem).
+
+        Returns ``{cache_argument: cache}`` for ``generate``: the KV cache of every row's prompt but
+        its last token, computed for the distinct prompts only and copied to their rows, so
+        ``generate`` runs only the last prompt column before decoding. Empty when nothing repeats.
+        Positions follow the attention mask exactly as ``generate`` numbers them (padding skipped).
+        """
+        import torch
+
+        distinct_index: dict[tuple, int] = {}
+        first_rows: list[int] = []  # the first row holding each distinct prompt
+        rows_to_distinct: list[int] = []
+        for row, prompt in enumerate(prompts):
+            key = tuple(prompt)
+            if key not in distinct_index:
+                distinct_index[key] = len(first_rows)
+                first_rows.append(row)
+            rows_to_distinct.append(distinct_index[key])
+        if len(first_rows) == len(prompts) or input_ids.shape[1] < 2:
+            return {}
+        if self._cache_argument is None:
+            parameters = inspect.signature(self.model.forward).parameters
+            self._cache_argument = "cache" if "cache" in parameters else "past_key_values"
+            self._accepts_logits_to_keep = "logits_to_keep" in parameters
+        distinct = torch.tensor(first_rows, device=input_ids.device)
+        head_ids, head_mask = input_ids[distinct, :-1], attention_mask[distinct, :-1]
+        positions = (head_mask.long().cumsum(-1) - 1).masked_fill(head_mask == 0, 0)
+        extra = {"logits_to_keep": 1} if self._accepts_logits_to_keep else {}
+        with torch.no_grad():
+            outputs = self.model(input_ids=head_ids, attention_mask=head_mask, position_ids=positions,
+                                 use_cache=True, **extra)
+        cache = outputs[self._cache_argument]
+        cache.reorder_cache(torch.tensor(rows_to_distinct, device=input_ids.device))  # copy to every row
+        return {self._cache_argument: cache}
 
 
 @functools.cache
