@@ -15,6 +15,7 @@ Everything lands in one run folder with a report.md; the command prints where.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from pathlib import Path
 
@@ -138,7 +139,7 @@ def run_quickstart(config: QuickstartConfig) -> dict:
 def _report(config, load_s, demo, sft, evals) -> str:
     logits, cce = demo["materialised logits"], demo["lmforge.cce"]
     saved = logits["peak_extra_mb"] / max(cce["peak_extra_mb"], 1e-9)
-    plot = Path(sft["plot_path"]).relative_to(Path(config.output_dir)) if sft.get("plot_path") else None
+    plot = os.path.relpath(sft["plot_path"], config.output_dir) if sft.get("plot_path") else None
     lines = [
         "# lmforge quickstart",
         "",
