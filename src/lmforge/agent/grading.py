@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import contextlib
 import logging
 import os
 import re
@@ -426,10 +427,8 @@ class _GraderProcess:
             self.process.kill()
         self.process.wait()
         for stream in (self.process.stdin, self.process.stdout):
-            try:
+            with contextlib.suppress(OSError):  # already closed by the dying process
                 stream.close()
-            except OSError:
-                pass
 
 
 class _GraderPool:

@@ -54,6 +54,7 @@ pre-imports `SandboxConfig.preload_modules` instead, and `gc.freeze()`s them.
 from __future__ import annotations
 
 import ast
+import contextlib
 import io
 import json
 import linecache
@@ -572,11 +573,9 @@ def _compile_cell(code: str, filename: str):
 def _ensure_capture_fds() -> None:
     """Model code may close or replace fds 1/2; point them back at the capture file (through a
     spare descriptor kept from start-up: the audit hook would refuse opening it again)."""
-    try:
+    with contextlib.suppress(OSError):  # a closed fd 1/2 is repaired below like a replaced one
         if os.fstat(1).st_ino == _W.capture_inode and os.fstat(2).st_ino == _W.capture_inode:
             return
-    except OSError:
-        pass
     os.dup2(_W.capture_spare_fd, 1)
     os.dup2(_W.capture_spare_fd, 2)
 
@@ -635,10 +634,8 @@ def _execute_cell(code: str, cell_index: int) -> dict:
                 f": out of memory (the sandbox allows {settings['memory_bytes'] // _MIB} MiB)\n")
     sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
     for stream in (sys.__stdout__, sys.__stderr__):
-        try:
+        with contextlib.suppress(OSError, ValueError):
             stream.flush()  # model code may have printed through these buffered streams
-        except (OSError, ValueError):
-            pass
     _ensure_capture_fds()
     captured = os.pread(1, settings["capture_bytes"], 0)
     file_bytes = os.fstat(1).st_size
@@ -647,10 +644,8 @@ def _execute_cell(code: str, cell_index: int) -> dict:
     extra_c_level = max(0, file_bytes - (settings["capture_bytes"] - out.bytes_left))
     text, truncated = _compose_output(printed, out.chars + extra_c_level, error_text, settings["max_output_chars"])
     if _W.reserve is None:
-        try:
+        with contextlib.suppress(MemoryError):  # re-armed on a later call once memory is back
             _W.reserve = bytearray(4 * _MIB)
-        except MemoryError:
-            pass
     return {
         "ok": kind is None, "kind": kind, "output": _clean_text(text),
         "error": _clean_text(_last_line(error_text)) if kind else None,
@@ -691,11 +686,9 @@ def _reset_namespace(folder: str | None) -> bool:
     warnings.filters[:] = saved["warning_filters"]
     numpy = sys.modules.get("numpy")
     if numpy is not None and "numpy_print" in saved:
-        try:
+        with contextlib.suppress(Exception):  # cosmetic state only
             numpy.set_printoptions(**saved["numpy_print"])
             numpy.seterr(**saved["numpy_err"])
-        except Exception:  # noqa: BLE001 - cosmetic state only
-            pass
     os.environ.clear()
     os.environ.update(saved["environ"])
     if folder is not None:
@@ -768,22 +761,18 @@ def _worker_main(argv: Sequence[str]) -> None:
     network_isolated = settings["isolate_network"] and _isolate_network()
     preloaded = []
     for name in settings["preload"]:
-        try:
+        with contextlib.suppress(Exception):  # optional modules (sympy) may be missing
             __import__(name)
             preloaded.append(name)
-        except Exception:  # noqa: BLE001 - optional modules (sympy) may be missing
-            pass
     import builtins
     import faulthandler
     import subprocess  # noqa: F401 - imported before the hook so that its import stays cheap
     import warnings
 
-    try:
+    with contextlib.suppress(ImportError):  # not every platform has it
         import _posixsubprocess
 
         _posixsubprocess.fork_exec = _refused_fork_exec  # the one spawn path without an audit event
-    except ImportError:
-        pass
     faulthandler.enable(file=sys.__stderr__, all_threads=True)
     _W.read_roots = sorted({os.path.realpath(p) for p in [sys.prefix, sys.base_prefix, sys.exec_prefix, *sys.path]
                             if p and os.path.isdir(p)})
@@ -836,11 +825,9 @@ def _worker_main(argv: Sequence[str]) -> None:
 
 def _repair_fds(pipes: dict) -> None:
     for fd, (spare, inode) in pipes.items():
-        try:
+        with contextlib.suppress(OSError):  # a closed fd is restored below
             if os.fstat(fd).st_ino == inode:
                 continue
-        except OSError:
-            pass
         os.dup2(spare, fd)
 
 
@@ -1392,10 +1379,8 @@ class Sandbox:
             return  # reaped: its pid (and so its process group id) may belong to someone else now
         if not _has_exited(worker.pid):
             worker.killed_by_host = True
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(worker.pid, signal.SIGKILL)  # the whole group, in case anything escaped the hook
-        except (ProcessLookupError, PermissionError):
-            pass
 
     def _stop(self, worker: _Worker, wait_for_exit_s: float = 0.0) -> None:
         """Make sure the worker and its process group are dead, then reap it. With
@@ -1407,10 +1392,8 @@ class Sandbox:
         while not _has_exited(worker.pid) and time.monotonic() < deadline:
             time.sleep(0.005)
         self._kill(worker)  # not reaped yet, so the group id is still ours
-        try:
+        with contextlib.suppress(Exception):  # SIGKILLed; only an unkillable (D-state) process lands here
             worker.process.wait(timeout=30)
-        except Exception:  # noqa: BLE001 - SIGKILLed; only an unkillable (D-state) process lands here
-            pass
 
     def _lost_worker_report(self, worker: _Worker, failure: Exception) -> tuple[str, str, str, bool]:
         """Output, error kind, error line and truncation flag for a call whose worker was lost."""
@@ -1452,14 +1435,10 @@ class Sandbox:
         `lost`: it died or misbehaved (counted in stats), rather than being retired on purpose."""
         self._stop(worker)
         for fd in (worker.request_fd, worker.reply_fd):
-            try:
+            with contextlib.suppress(OSError):
                 os.close(fd)
-            except OSError:
-                pass
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(worker.capture_path)
-        except OSError:
-            pass
         with self._cond:
             if worker.dead:
                 return
@@ -1486,20 +1465,14 @@ def _shutdown_pool(workers: list[_Worker], root: str) -> None:
 
     for worker in list(workers):
         if worker.process.returncode is None:  # not reaped, so the group id is still ours
-            try:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(worker.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
     for worker in list(workers):
-        try:
+        with contextlib.suppress(Exception):
             worker.process.wait(timeout=10)
-        except Exception:  # noqa: BLE001
-            pass
         for fd in (worker.request_fd, worker.reply_fd):
-            try:
+            with contextlib.suppress(OSError):
                 os.close(fd)
-            except OSError:
-                pass
         worker.dead = True
     workers.clear()
     shutil.rmtree(root, ignore_errors=True)

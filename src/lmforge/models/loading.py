@@ -153,9 +153,8 @@ def _fsync_path(path: Path) -> None:
     except OSError:  # some filesystems refuse to open directories; durability is then best effort
         return
     try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
+        with contextlib.suppress(OSError):  # best effort, as above
+            os.fsync(descriptor)
     finally:
         os.close(descriptor)
 
