@@ -171,7 +171,7 @@ def _accumulate_matmul(out32: torch.Tensor, a: torch.Tensor, b: torch.Tensor):
             torch.addmm(out32, a, b, out_dtype=torch.float32, out=out32)
             _FP32_OUT_GEMM[key] = True
             return
-        except (TypeError, RuntimeError):  # RuntimeError covers NotImplementedError
+        except (TypeError, RuntimeError):  # also torch builds that lack out_dtype (a RuntimeError)
             _FP32_OUT_GEMM[key] = False
     out32.addmm_(a.float(), b.float())
 
