@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.cce import LinearCrossEntropy, auto_filter_eps, linear_cross_entropy, token_logprobs
-from lmforge.cce import chunked
+from lmforge.cce import chunked, gemm_impl
 from tests.conftest import DEVICE
 
-IMPLS = ["torch", "triton"]
+IMPLS = ["torch", "triton", "gemm"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # Relative-error budgets vs float64 on the same (rounded) inputs: the gradients come back in the input
 # dtype, so their rounding alone is ~2^-9 for bfloat16 and ~2^-12 for float16.
@@ -200,6 +200,45 @@ def test_chunking_does_not_change_results():
                                   chunk_elements=3 * V)
     for a, b in zip(grads_one[:2], grads_many[:2]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gemm_slabs_do_not_change_results(monkeypatch, dtype):
+    # Slabs of 32 and 48 columns (a ragged last one) against one slab of the whole vocabulary; the
+    # fp32 logits are the same products either way, so only the order of the online lse differs.
+    e, c, t, b = make_inputs(dtype, ignore_frac=0.2, with_bias=True)
+    e, c, b = e.detach(), c.detach(), b.detach()
+    g = torch.randn(N, dtype=torch.float32).to(DEVICE)
+    results = []
+    for cols in (V, 32, 48):
+        monkeypatch.setenv("LMFORGE_CCE_SLAB_MB", str(cols * N * 4 / 2**20))
+        assert gemm_impl.slab_columns(N, V) == cols
+        stats = gemm_impl.forward_stats(e, c, b, t, softcap=3.0, need_sum=True, need_mu=True)
+        grads = gemm_impl.backward(e, c, b, t, stats[0], stats[3], g, -g, 0.5 * g, g, softcap=3.0,
+                                   need_db=True)
+        results.append((*stats, *grads))
+    for other in results[1:]:
+        for a, b2 in zip(results[0], other):
+            torch.testing.assert_close(a, b2, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU-sized shapes: too slow for the interpreter")
+def test_gemm_matches_chunked_torch_at_gpu_scale():
+    # Many programs, many warps, several slabs: the in-place dz write must not race with the reads of Z.
+    n, d, v = 2048, 256, 50000
+    g = torch.Generator().manual_seed(0)
+    c = torch.randn(v, d, generator=g) / d ** 0.5
+    t = torch.randint(0, v // 50, (n,), generator=g)
+    e = 3 * c[t] * d ** 0.5 / 4 + torch.randn(n, d, generator=g)  # peaked rows with varied lse, like an LM
+    results = {}
+    for impl in ("torch", "gemm"):
+        ee = e.to("cuda", torch.bfloat16).requires_grad_()
+        cc = c.to("cuda", torch.bfloat16).requires_grad_()
+        loss = linear_cross_entropy(ee, cc, t.cuda(), impl=impl, softcap=30.0, filter_eps=None)
+        loss.backward()
+        results[impl] = (loss.detach(), ee.grad, cc.grad)
+    for a, b in zip(results["torch"], results["gemm"]):
+        assert rel_err(b, a) < 1e-2
 
 
 def peaked_inputs(dtype, seed=0, v=V):

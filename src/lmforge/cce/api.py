@@ -9,6 +9,9 @@ Data flow, for e (..., D), classifier c (V, D) and targets (...):
    chunked torch path, never materialising all N x V logits;
 3. the loss (NLL, label smoothing, z-loss, reductions) or log-probability / entropy is plain torch
    on those vectors, so autograd derives the per-token gradient coefficients the backward needs.
+
+With ``process_group`` (or a DTensor classifier), step 2 runs on this rank's block of classifier rows
+and the statistics are combined over the group: see :mod:`lmforge.cce.parallel`.
 """
 
 from __future__ import annotations
@@ -16,11 +19,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lmforge.cce import triton_impl
+from lmforge.cce import parallel, triton_impl
 from lmforge.cce.autograd import LinearStats
 
 REDUCTIONS = ("mean", "sum", "none")
-IMPLS = ("auto", "torch", "triton")
+IMPLS = ("auto", "torch", "triton", "gemm")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -41,15 +44,17 @@ def _resolve_impl(impl: str, device: torch.device, dtype: torch.dtype) -> str:
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
-        return "triton" if device.type == "cuda" and triton_impl.HAS_TRITON else "torch"
-    if impl == "triton":
+        # On GPUs the GEMM path: fastest on the H200 (docs/benchmarks.md), as exact as the fused kernels,
+        # at the price of one 128 MiB logit slab; impl="triton" keeps the forward's workspace to a few vectors.
+        return "gemm" if device.type == "cuda" and triton_impl.HAS_TRITON else "torch"
+    if impl in ("triton", "gemm"):
         if not triton_impl.HAS_TRITON:
-            raise ValueError("impl='triton' needs the triton package; install it or use impl='torch'")
+            raise ValueError(f"impl={impl!r} needs the triton package; install it or use impl='torch'")
         if not triton_impl.available_for(device):
-            raise ValueError(f"impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU "
+            raise ValueError(f"impl={impl!r} needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU "
                              f"interpreter); got tensors on {device}. Use impl='torch' or 'auto'.")
         if dtype == torch.float64:
-            raise ValueError("impl='triton' supports float16, bfloat16 and float32; got float64 "
+            raise ValueError(f"impl={impl!r} supports float16, bfloat16 and float32; got float64 "
                              "(use impl='torch' for float64)")
     return impl
 
@@ -107,6 +112,27 @@ def _prepare(e, c, targets, bias, *, shift, ignore_index, check_targets=True):
     return e2d, c, bias, flat_targets
 
 
+def _prepare_operands(e, c, targets, bias, *, shift, ignore_index, process_group, vocab_start):
+    """:func:`_prepare` for single-device and vocabulary-parallel calls; returns (e2d, c, bias, flat_targets,
+    shard), with ``shard`` None on a single device, else this rank's :class:`~lmforge.cce.parallel.VocabShard`
+    (c and bias are then this rank's rows)."""
+    e, c, targets, bias, process_group = parallel.local_operands(e, c, targets, bias, process_group, vocab_start)
+    if process_group is None:
+        return (*_prepare(e, c, targets, bias, shift=shift, ignore_index=ignore_index), None)
+    # Validation errors of one rank are raised on every rank (after the shared all-gather), never a hang.
+    device = next((t.device for t in (e, c, targets) if isinstance(t, torch.Tensor)), torch.device("cpu"))
+    prepared, error = None, None
+    try:
+        e2d, c, bias, flat_t = _prepare(e, c, targets, bias, shift=shift, ignore_index=ignore_index,
+                                        check_targets=False)
+        prepared = (e2d, flat_t)
+    except (TypeError, ValueError) as err:
+        error = err
+    rows = c.shape[0] if prepared is not None else 0
+    shard = parallel.vocab_shard(prepared, error, rows, process_group, vocab_start, ignore_index, device)
+    return e2d, c, bias, flat_t, shard
+
+
 def _unflatten(per_token: torch.Tensor, targets_shape, shift):
     x = per_token.view(targets_shape)
     return x[..., :-1] if shift else x
@@ -126,18 +152,24 @@ def _check_options(reduction, label_smoothing, z_loss, softcap, filter_eps):
         raise ValueError(f"filter_eps must be 'auto', None or a number >= 0, got {filter_eps!r}")
 
 
-def _stats(e2d, c, bias, flat_targets, *, softcap, need_sum, need_mu, filter_eps, impl):
+def _stats(e2d, c, bias, flat_targets, *, softcap, need_sum, need_mu, filter_eps, impl, shard=None,
+           ignore_index=-100):
     impl = _resolve_impl(impl, e2d.device, e2d.dtype)
     eps = auto_filter_eps(e2d.dtype) if filter_eps == "auto" else filter_eps
     if eps == 0:
         eps = None
-    return LinearStats.apply(e2d, c, bias, flat_targets, None if softcap is None else float(softcap),
-                             need_sum, need_mu, eps, impl)
+    softcap = None if softcap is None else float(softcap)
+    if shard is not None:
+        return parallel.vocab_parallel_stats(e2d, c, bias, flat_targets, shard, ignore_index=ignore_index,
+                                             softcap=softcap, need_sum=need_sum, need_mu=need_mu,
+                                             filter_eps=eps, impl=impl)
+    return LinearStats.apply(e2d, c, bias, flat_targets, softcap, need_sum, need_mu, eps, impl)
 
 
 def linear_cross_entropy(e, c, targets, *, bias=None, ignore_index=-100, softcap=None,
                          reduction="mean", shift=False, label_smoothing=0.0, z_loss=0.0,
-                         return_lse=False, filter_eps="auto", impl="auto"):
+                         return_lse=False, filter_eps="auto", impl="auto", process_group=None,
+                         vocab_start=None):
     """Cross-entropy of softmax(softcap(e @ c.T + bias)) against targets, without the logit matrix.
 
     Args:
@@ -153,23 +185,37 @@ def linear_cross_entropy(e, c, targets, *, bias=None, ignore_index=-100, softcap
         return_lse: also return the per-token log-sum-exp (shape of the per-token loss).
         filter_eps: gradient filtering threshold; "auto" picks it from the dtype (see
             :func:`auto_filter_eps`), None computes exact gradients. Only the Triton backend filters.
-        impl: "triton" (CUDA, or CPU under TRITON_INTERPRET=1), "torch" (chunked, exact, any device)
-            or "auto" (Triton on CUDA, torch elsewhere).
+        impl: "triton" (fused kernels; CUDA, or CPU under TRITON_INTERPRET=1), "gemm" (cuBLAS logit
+            slabs of ``LMFORGE_CCE_SLAB_MB`` (128) MiB with Triton passes over them: faster on the H200, one
+            slab of workspace, no filtering; see :mod:`lmforge.cce.gemm_impl`), "torch" (chunked, exact,
+            any device) or "auto" ("gemm" on CUDA, "torch" elsewhere).
+        process_group: vocabulary parallelism (:mod:`lmforge.cce.parallel`): ``c`` (and ``bias``) hold this
+            rank's block of classifier rows, ``e`` and ``targets`` (global ids) are the same on every rank of
+            the group; loss and dE equal the single-device ones on every rank, dC is this block's rows.
+            Every rank must call (and backpropagate) together.
+        vocab_start: the global row of ``c[0]`` (with process_group); None = blocks in rank order, each
+            rank's starting where the previous rank's ends (uneven blocks allowed).
+
+    A ``c`` that is a DTensor split by rows (``Shard(0)``) on a 1-D mesh runs vocabulary-parallel over its
+    mesh; other DTensor layouts are gathered with ``full_tensor()`` (V x D memory on every rank).
 
     Returns:
         The loss (float32), and with ``return_lse`` a tuple (loss, lse). A batch whose targets are all
         ignored gives loss 0 (not NaN) and zero gradients for every reduction.
     """
     _check_options(reduction, label_smoothing, z_loss, softcap, filter_eps)
-    e2d, c, bias, flat_t = _prepare(e, c, targets, bias, shift=shift, ignore_index=ignore_index)
+    e2d, c, bias, flat_t, shard = _prepare_operands(e, c, targets, bias, shift=shift, ignore_index=ignore_index,
+                                                    process_group=process_group, vocab_start=vocab_start)
+    vocab = c.shape[0] if shard is None else shard.vocab
     lse, target_logit, sum_logit, _ = _stats(e2d, c, bias, flat_t, softcap=softcap,
                                              need_sum=label_smoothing > 0, need_mu=False,
-                                             filter_eps=filter_eps, impl=impl)
+                                             filter_eps=filter_eps, impl=impl, shard=shard,
+                                             ignore_index=ignore_index)
     valid = flat_t != ignore_index
     loss = lse - target_logit
     if label_smoothing > 0:
         # torch's definition: (1 - eps) * nll + eps * mean_j(-log p_j) = (1 - eps) * nll + eps * (lse - mean_j z_j)
-        loss = (1 - label_smoothing) * loss + label_smoothing * (lse - sum_logit / c.shape[0])
+        loss = (1 - label_smoothing) * loss + label_smoothing * (lse - sum_logit / vocab)
     if z_loss > 0:
         loss = loss + z_loss * lse.square()
     loss = torch.where(valid, loss, torch.zeros_like(loss))
@@ -185,17 +231,20 @@ def linear_cross_entropy(e, c, targets, *, bias=None, ignore_index=-100, softcap
 
 
 def token_logprobs(e, c, targets, *, bias=None, softcap=None, shift=False, ignore_index=-100,
-                   return_entropy=False, filter_eps="auto", impl="auto"):
+                   return_entropy=False, filter_eps="auto", impl="auto", process_group=None, vocab_start=None):
     """Differentiable log p(target) per token (0 where ignored), without the logit matrix.
 
     With ``return_entropy`` also returns the per-token entropy of the predicted distribution
     (0 where the target is ignored), differentiable as well. Shapes are those of targets
-    (the last dimension one shorter with ``shift=True``). Values are float32.
+    (the last dimension one shorter with ``shift=True``). Values are float32. ``process_group`` and
+    ``vocab_start`` (and DTensor classifiers) work as in :func:`linear_cross_entropy`.
     """
     _check_options("none", 0.0, 0.0, softcap, filter_eps)
-    e2d, c, bias, flat_t = _prepare(e, c, targets, bias, shift=shift, ignore_index=ignore_index)
+    e2d, c, bias, flat_t, shard = _prepare_operands(e, c, targets, bias, shift=shift, ignore_index=ignore_index,
+                                                    process_group=process_group, vocab_start=vocab_start)
     lse, target_logit, _, mean_logit = _stats(e2d, c, bias, flat_t, softcap=softcap, need_sum=False,
-                                              need_mu=return_entropy, filter_eps=filter_eps, impl=impl)
+                                              need_mu=return_entropy, filter_eps=filter_eps, impl=impl,
+                                              shard=shard, ignore_index=ignore_index)
     valid = flat_t != ignore_index
     zero = torch.zeros_like(lse)
     logp = _unflatten(torch.where(valid, target_logit - lse, zero), targets.shape, shift)
@@ -209,14 +258,16 @@ class LinearCrossEntropy(nn.Module):
     """Module form of :func:`linear_cross_entropy`; ``forward(e, c, targets, bias=None)``."""
 
     def __init__(self, *, ignore_index=-100, softcap=None, reduction="mean", shift=False,
-                 label_smoothing=0.0, z_loss=0.0, return_lse=False, filter_eps="auto", impl="auto"):
+                 label_smoothing=0.0, z_loss=0.0, return_lse=False, filter_eps="auto", impl="auto",
+                 process_group=None, vocab_start=None):
         super().__init__()
         _check_options(reduction, label_smoothing, z_loss, softcap, filter_eps)
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
         self.options = dict(ignore_index=ignore_index, softcap=softcap, reduction=reduction, shift=shift,
                             label_smoothing=label_smoothing, z_loss=z_loss, return_lse=return_lse,
-                            filter_eps=filter_eps, impl=impl)
+                            filter_eps=filter_eps, impl=impl, process_group=process_group,
+                            vocab_start=vocab_start)
 
     def forward(self, e, c, targets, bias=None):
         return linear_cross_entropy(e, c, targets, bias=bias, **self.options)

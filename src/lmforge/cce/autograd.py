@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from lmforge.cce import chunked, triton_impl
+from lmforge.cce import chunked, gemm_impl, triton_impl
 
 
 def _like_stats(g, stats):
@@ -39,6 +39,9 @@ class LinearStats(torch.autograd.Function):
             *stats, tile_map = triton_impl.forward_stats(e, c, bias, targets, softcap=softcap,
                                                          need_sum=need_sum, need_mu=need_mu,
                                                          perm=perm, map_sub=map_sub)
+        elif impl == "gemm":
+            stats = gemm_impl.forward_stats(e, c, bias, targets, softcap=softcap,
+                                            need_sum=need_sum, need_mu=need_mu)
         else:
             stats = chunked.forward_stats(e, c, bias, targets, softcap=softcap,
                                           need_sum=need_sum, need_mu=need_mu)
@@ -65,6 +68,10 @@ class LinearStats(torch.autograd.Function):
                                               softcap=ctx.softcap, need_de=need_de, need_dc=need_dc,
                                               need_db=need_db, filter_eps=ctx.filter_eps, perm=perm,
                                               tile_map=tile_map, map_sub=ctx.map_sub)
+        elif ctx.impl == "gemm":
+            de, dc, db = gemm_impl.backward(e, c, bias, targets, lse, mean_logit, *grads,
+                                            softcap=ctx.softcap, need_de=need_de, need_dc=need_dc,
+                                            need_db=need_db)
         else:
             de, dc, db = chunked.backward(e, c, bias, targets, lse, mean_logit, *grads,
                                           softcap=ctx.softcap, need_de=need_de, need_dc=need_dc,

@@ -28,6 +28,18 @@ non-ignored tokens, and with ``num_items_in_batch`` (gradient accumulation) the 
 ``num_items_in_batch``. One deliberate difference: a batch whose labels are all ignored gives loss 0 with
 zero gradients, where the stock mean gives NaN.
 
+Sharded output layers. Under FSDP2 (``fully_shard``) a model's parameters are DTensors sharded by rows
+outside their unit's forward. When the lm_head is in the root unit (the usual ``fully_shard`` of each
+decoder layer, then of the model), its weight is already gathered while the patched forward runs. When
+the lm_head is a unit of its own, FSDP re-shards it right after the stock forward's zero-position
+projection, so the patched forward gathers it again through FSDP (``lm_head.unshard()``, the ZeRO-3
+all-gather: V x D per rank for the duration of the loss), and FSDP reduce-scatters its gradient at the end
+of the backward like any other unit's (and re-shards it; under no_grad it is re-sharded right away). That
+gathers the head twice per forward (the zero-position projection did it once); keeping the lm_head in the
+root unit gathers it once. Any other DTensor weight (a tensor-parallel plan) goes to
+:func:`lmforge.cce.linear_cross_entropy` as it is: row-sharded on a 1-D mesh it runs vocabulary-parallel
+(every rank sees the same tokens under tensor parallelism), otherwise it is gathered.
+
 This module imports neither transformers nor PEFT; it works on any object with the methods they provide
 (duck typing), so ``lmforge.cce`` stays usable on its own.
 """
@@ -47,6 +59,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.cce.api import IMPLS, linear_cross_entropy
+from lmforge.cce.parallel import is_dtensor
 
 # Where the patch keeps its state on the patched model (an instance attribute, so deepcopy carries it).
 _STATE_ATTRIBUTE = "_lmforge_cce_patch"
@@ -83,7 +96,8 @@ def patch(model: nn.Module, *, impl: str = "auto", filter_eps: Any = "auto", tra
     Args:
         model: a transformers causal LM (``*ForCausalLM``), or a PEFT model around one (the model inside
             is patched; LoRA-style adapters only, not prompt learning).
-        impl: lmforge.cce backend, "auto" (Triton on CUDA, chunked torch elsewhere), "triton" or "torch".
+        impl: lmforge.cce backend, "auto" (the GEMM path on CUDA, chunked torch elsewhere), "gemm",
+            "triton" or "torch" (see :func:`lmforge.cce.linear_cross_entropy`).
         filter_eps: gradient-filter threshold passed to :func:`lmforge.cce.linear_cross_entropy`
             ("auto": none for float32, eps/32 for 16-bit weights on the Triton backend; None: exact).
         train_only: if True, labelled calls in eval mode (``model.eval()``) run the stock forward and return
@@ -235,20 +249,28 @@ def final_hidden_states(model: nn.Module, forward=None, **inputs: Any) -> tuple[
     """Run a causal LM's forward without projecting any position to logits; return (hidden, output).
 
     ``hidden`` is the body's last hidden state (B, T, D), the input of the output layer; ``output`` is the
-    model's own output object, whose logits cover zero positions. ``inputs`` are forward arguments
-    (input_ids, attention_mask, position_ids, ...; no labels). ``forward`` defaults to ``model.forward``.
+    model's own output object, whose logits cover zero positions (one position when the lm_head weight is a
+    DTensor, see :func:`_skipping_index`). ``inputs`` are forward arguments (input_ids, attention_mask,
+    position_ids, ...; no labels). ``forward`` defaults to ``model.forward``.
     """
     if "labels" in inputs or "logits_to_keep" in inputs:
         raise ValueError("final_hidden_states computes no loss and no logits: pass neither labels nor logits_to_keep")
     forward = model.forward if forward is None else forward
-    # An empty index tensor: slice_logits_to_keep keeps hidden_states[:, [], :], so the head projects nothing.
-    no_positions = torch.empty(0, dtype=torch.long, device=model.get_output_embeddings().weight.device)
+    no_positions = _skipping_index(model.get_output_embeddings().weight)
     with _catch_body_output(model) as caught:
         output = forward(**inputs, logits_to_keep=no_positions)
     if not caught:
         raise ValueError(f"{type(model).__name__}.forward did not call its body (base_model); lmforge.cce cannot "
                          f"find its final hidden states")
     return caught[-1], output
+
+
+def _skipping_index(weight: torch.Tensor) -> torch.Tensor:
+    """The ``logits_to_keep`` that skips the head: an empty index tensor, so slice_logits_to_keep keeps
+    hidden_states[:, [], :] and the head projects nothing. A DTensor head (tensor-parallel plans) gets one
+    position instead (B x V logits, nothing beside the loss): DTensor's sharding propagation fails on the
+    empty product ("integer modulo by zero", torch 2.13)."""
+    return torch.zeros(1 if is_dtensor(weight) else 0, dtype=torch.long, device=weight.device)
 
 
 def head_operands(hidden: torch.Tensor, layer: OutputLayer):
@@ -286,7 +308,8 @@ def causal_lm_loss(hidden: torch.Tensor, layer: OutputLayer, labels: torch.Tenso
     hidden_rows, targets = hidden_rows[scored], targets[scored]
     e, weight, bias = head_operands(hidden_rows, layer)
     if targets.numel() == 0:
-        loss = e.sum() * 0.0 + weight.sum() * 0.0  # keeps the graph, so backward() gives zero gradients
+        local_weight = weight.to_local() if is_dtensor(weight) else weight
+        loss = e.sum() * 0.0 + local_weight.sum() * 0.0  # keeps the graph, so backward() gives zero gradients
         return loss.float()
     with torch.autocast(e.device.type, enabled=False):
         loss = linear_cross_entropy(e, weight, targets, bias=bias, softcap=layer.softcap,
@@ -351,17 +374,36 @@ def _make_patched_forward():
         if return_dict is None:
             return_dict = getattr(self.config, "return_dict", True)
         hidden, output = final_hidden_states(self, stock_forward, return_dict=True, **arguments)
+        unsharded_head = _unshard_fsdp_head(self)
         loss = causal_lm_loss(_keep_positions(hidden, logits_to_keep), output_layer(self), labels,
                               shift_labels=arguments.get("shift_labels"),
                               num_items_in_batch=arguments.get("num_items_in_batch"),
                               ignore_index=arguments.get("ignore_index", -100),
                               impl=state.impl, filter_eps=state.filter_eps)
+        if unsharded_head is not None and not loss.requires_grad:
+            unsharded_head.reshard()  # no backward will come to re-shard it
         # The model's own output class (cache, hidden_states, attentions kept), with the loss and no logits.
         fields = {name: value for name, value in output.items() if name not in ("loss", "logits")}
         result = type(output)(loss=loss, **fields)
         return result if return_dict else result.to_tuple()
 
     return forward_with_cce
+
+
+def _unshard_fsdp_head(model: nn.Module) -> nn.Module | None:
+    """If the output layer is an FSDP2 unit of its own whose weight is sharded now, gather it through FSDP
+    (see the module docstring) and return the layer; else return None."""
+    head = model.get_output_embeddings()
+    if is_dtensor(getattr(head, "weight", None)) and callable(getattr(head, "unshard", None)) \
+            and callable(getattr(head, "reshard", None)):
+        head.unshard()
+        return head
+    return None
+
+
+def _full(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A DTensor's full value (for the one-time verification), any other tensor as it is."""
+    return t.full_tensor() if is_dtensor(t) else t
 
 
 def verify_output_layer(model: nn.Module) -> None:
@@ -408,7 +450,7 @@ def verify_output_layer(model: nn.Module) -> None:
 
     with torch.no_grad():
         logits = stock.logits.float()
-        rebuilt = F.linear(hidden, layer.weight, layer.bias).float()
+        rebuilt = F.linear(hidden, _full(layer.weight), _full(layer.bias)).float()
         if layer.softcap is not None:
             rebuilt = torch.tanh(rebuilt / layer.softcap) * layer.softcap
     scale = max(float(logits.abs().max()), 1e-6)
@@ -417,7 +459,8 @@ def verify_output_layer(model: nn.Module) -> None:
         raise ValueError(f"{name}'s logits are not softcap(lm_head(last hidden state)) (relative difference "
                          f"{error:.3g}); it transforms its logits in a way lmforge.cce does not reproduce "
                          f"(e.g. a logit scale), so it cannot be patched")
-    if skipped.logits is not None and skipped.logits.numel() != 0:
+    kept = _skipping_index(layer.weight).numel()
+    if skipped.logits is not None and skipped.logits.numel() != 0 and skipped.logits.shape[-2] != kept:
         raise ValueError(f"{name}.forward ignores a tensor logits_to_keep, so lmforge.cce cannot skip its logits")
     if not torch.allclose(skipped_hidden.float(), hidden.float(), rtol=1e-3, atol=1e-3 * scale):
         raise ValueError(f"{name}'s final hidden states change with logits_to_keep; lmforge.cce cannot patch it")

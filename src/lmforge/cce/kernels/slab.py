@@ -1,0 +1,123 @@
+"""Kernels of the GEMM path: per-row statistics and the logit gradient of a logit slab cuBLAS wrote.
+
+The GEMM path (:mod:`lmforge.cce.gemm_impl`) lets cuBLAS compute one vocabulary slab of logits at a time,
+Z = E C[slab]^T in float32 (N x S), and needs two memory-bound passes over it:
+
+* ``slab_stats_kernel`` folds the slab into running per-row statistics (max, sum of exp relative to it,
+  softmax-weighted logit sum, plain logit sum, target logit), read-modify-write, so slabs are visited one
+  after the other and nothing of size N x V ever exists;
+* ``slab_grad_kernel`` turns the slab into the logit gradient dz, written *in place* over Z in the
+  inputs' dtype: row i's dz occupies the first bytes of row i's Z (a bf16 view with row stride 2S).
+  One program owns whole rows and walks their columns left to right, so it only overwrites columns it
+  has already read (a barrier per step keeps its warps from overtaking each other's loads), and no other
+  program touches its rows.
+
+Both read every element of the slab once: (4 + 2) N S bytes for the gradient pass, 4 N S for the stats.
+"""
+
+import triton
+import triton.language as tl
+
+from lmforge.cce.kernels.forward import _tanh
+
+
+@triton.jit
+def _capped(z, Bias, cols, col_ok, softcap, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    if HAS_BIAS:
+        z += tl.load(Bias + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    th = z
+    if HAS_SOFTCAP:
+        th = _tanh(z / softcap)
+        z = softcap * th
+    return z, th
+
+
+@triton.jit
+def slab_stats_kernel(
+    Z, Bias, Targets, M, S, W, Sum, Tgt,
+    N, slab_cols, slab_start, stride_zn, softcap,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, NEED_SUM: tl.constexpr, NEED_MU: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    targets = tl.load(Targets + rows, mask=row_ok, other=-1).to(tl.int64)
+    m = tl.load(M + rows, mask=row_ok, other=0.0)
+    s = tl.load(S + rows, mask=row_ok, other=0.0)
+    tgt = tl.load(Tgt + rows, mask=row_ok, other=0.0)
+    w = tl.zeros((BLOCK_N,), tl.float32)
+    zsum = tl.zeros((BLOCK_N,), tl.float32)
+    if NEED_MU:
+        w = tl.load(W + rows, mask=row_ok, other=0.0)
+    if NEED_SUM:
+        zsum = tl.load(Sum + rows, mask=row_ok, other=0.0)
+    for v0 in range(0, slab_cols, BLOCK_V):
+        slot = v0 + tl.arange(0, BLOCK_V)
+        col_ok = slot < slab_cols
+        cols = slab_start + slot
+        z = tl.load(Z + rows[:, None].to(tl.int64) * stride_zn + slot[None, :],
+                    mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        z, _ = _capped(z, Bias, cols, col_ok, softcap, HAS_BIAS, HAS_SOFTCAP)
+        zm = tl.where(col_ok[None, :], z, float("-inf"))
+        m_new = tl.maximum(m, tl.max(zm, axis=1))  # finite: every step holds at least one column
+        scale = tl.exp(m - m_new)
+        p = tl.exp(zm - m_new[:, None])
+        s = s * scale + tl.sum(p, axis=1)
+        if NEED_MU:
+            w = w * scale + tl.sum(tl.where(col_ok[None, :], p * z, 0.0), axis=1)
+        if NEED_SUM:
+            zsum += tl.sum(tl.where(col_ok[None, :], z, 0.0), axis=1)
+        hit = (cols[None, :] == targets[:, None]) & col_ok[None, :]
+        tgt += tl.sum(tl.where(hit, z, 0.0), axis=1)
+        m = m_new
+    tl.store(M + rows, m, mask=row_ok)
+    tl.store(S + rows, s, mask=row_ok)
+    tl.store(Tgt + rows, tgt, mask=row_ok)
+    if NEED_MU:
+        tl.store(W + rows, w, mask=row_ok)
+    if NEED_SUM:
+        tl.store(Sum + rows, zsum, mask=row_ok)
+
+
+@triton.jit
+def slab_grad_kernel(
+    Z, DZ, Bias, Targets, Lse, Mu, G_lse, G_tgt, G_sum, G_mu,
+    N, slab_cols, slab_start, stride_zn, stride_dzn, softcap,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_G_LSE: tl.constexpr, HAS_G_TGT: tl.constexpr, HAS_G_SUM: tl.constexpr, HAS_G_MU: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    rows64 = rows[:, None].to(tl.int64)
+    lse = tl.load(Lse + rows, mask=row_ok, other=0.0)
+    targets = tl.load(Targets + rows, mask=row_ok, other=-1).to(tl.int64)
+    g_lse = tl.load(G_lse + rows, mask=row_ok, other=0.0) if HAS_G_LSE else lse
+    g_tgt = tl.load(G_tgt + rows, mask=row_ok, other=0.0) if HAS_G_TGT else lse
+    g_sum = tl.load(G_sum + rows, mask=row_ok, other=0.0) if HAS_G_SUM else lse
+    g_mu = tl.load(G_mu + rows, mask=row_ok, other=0.0) if HAS_G_MU else lse
+    mu = tl.load(Mu + rows, mask=row_ok, other=0.0) if HAS_G_MU else lse
+    for v0 in range(0, slab_cols, BLOCK_V):
+        slot = v0 + tl.arange(0, BLOCK_V)
+        col_ok = slot < slab_cols
+        cols = slab_start + slot
+        mask = row_ok[:, None] & col_ok[None, :]
+        z = tl.load(Z + rows64 * stride_zn + slot[None, :], mask=mask, other=0.0)
+        z, th = _capped(z, Bias, cols, col_ok, softcap, HAS_BIAS, HAS_SOFTCAP)
+        p = tl.exp(z - lse[:, None])
+        dz = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
+        if HAS_G_LSE:
+            dz += g_lse[:, None] * p
+        if HAS_G_MU:
+            dz += g_mu[:, None] * p * (1.0 + z - mu[:, None])
+        if HAS_G_SUM:
+            dz += g_sum[:, None]
+        if HAS_G_TGT:
+            dz += tl.where(cols[None, :] == targets[:, None], g_tgt[:, None], 0.0)
+        if HAS_SOFTCAP:
+            dz *= 1.0 - th * th
+        # In place over Z when DZ aliases it. The stores land in columns [v0 / 2, (v0 + BLOCK_V) / 2) of
+        # Z, which this step and earlier ones read; the barrier makes every warp finish this step's loads
+        # first (warps are not in lockstep, and with no reduction in the loop nothing else syncs them).
+        tl.debug_barrier()
+        tl.store(DZ + rows64 * stride_dzn + slot[None, :], dz.to(DZ.dtype.element_ty), mask=mask)
