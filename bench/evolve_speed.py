@@ -41,11 +41,12 @@ STRATEGIES = ("reload_unbatched", "reload_batched", "inplace_unbatched", "inplac
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def gemma2_random_folder(root: Path, device: str, dtype: torch.dtype) -> Path:
-    """A randomly initialised model of Gemma-2-2B's shapes, saved with the embedded model's tokenizer."""
+def gemma2_random_folder(root: Path, device: str, dtype: torch.dtype, tokenizer_path: str | None = None) -> Path:
+    """A randomly initialised model of Gemma-2-2B's shapes, saved with a tokenizer (default: the embedded model's;
+    a GPU machine that cannot hold the embedded model gets the tokenizer files alone through ``--tokenizer``)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(embedded_model_folder())
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or embedded_model_folder())
     config = AutoConfig.for_model(
         "gemma2", vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
         num_attention_heads=8, num_key_value_heads=4, head_dim=256, max_position_embeddings=8192,
@@ -92,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--gemma2-random", action="store_true", help="a random Gemma-2-2B-shaped model")
+    parser.add_argument("--tokenizer", default=None,
+                        help="tokenizer folder for --gemma2-random (default: the embedded model's)")
     parser.add_argument("--out", default=None, help="JSON path (default: bench/results/evolve_speed_<case>.json)")
     args = parser.parse_args(argv)
     if args.threads is not None:
@@ -102,7 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="evolve_speed_") as scratch:
         root = Path(scratch)
         dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[args.dtype]
-        model_path = gemma2_random_folder(root, args.device, dtype) if args.gemma2_random else embedded_model_folder()
+        if args.gemma2_random:
+            model_path = gemma2_random_folder(root, args.device, dtype, args.tokenizer)
+        else:
+            model_path = embedded_model_folder()
         model_name = "random Gemma-2-2B-shaped" if args.gemma2_random else "embedded SmolLM2-135M-Instruct"
         lora = LoraAdapterConfig(rank=8, alpha=16.0)
         model, tokenizer = load_model(model_path, dtype=args.dtype, device=args.device, lora=lora)

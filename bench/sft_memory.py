@@ -10,6 +10,8 @@ both (Gemma 2's attention softcapping rules out SDPA):
 
     stock:   model(input_ids, labels=labels).loss, transformers' forward (logits materialised, upcast to fp32)
     lmforge: the same call after lmforge.cce.patch.patch(model): the loss from the hidden states, no logits
+                          (impl "auto": on CUDA the GEMM path, lmforge.cce.gemm_impl)
+    lmforge_triton: the same with patch(model, impl="triton") (the fused Triton kernels)
 
 A step is forward + backward + optimizer step + zero_grad. Reported per variant: the peak of
 ``torch.cuda.max_memory_allocated`` over the timed steps, the memory held before a step (weights, adapter,
@@ -67,7 +69,8 @@ TINY_SIZES = dict(
     sliding_window=64,
     max_position_embeddings=256,
 )
-VARIANTS = ("lmforge", "stock")
+VARIANTS = ("lmforge", "lmforge_triton", "stock")
+PATCH_IMPL = {"lmforge": "auto", "lmforge_triton": "triton"}  # lmforge.cce backend per patched variant
 GIB = 1024**3
 
 
@@ -161,8 +164,8 @@ def measure_variant(variant: str, model, initial_adapter: dict, batch: dict, dev
                 parameter.copy_(initial_adapter[name])
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
-    if variant == "lmforge":
-        patch(model)
+    if variant in PATCH_IMPL:
+        patch(model, impl=PATCH_IMPL[variant])
     result: dict = {"variant": variant}
     try:
         gc.collect()
@@ -201,7 +204,7 @@ def measure_variant(variant: str, model, initial_adapter: dict, batch: dict, dev
     finally:
         optimizer.zero_grad(set_to_none=True)
         del optimizer
-        if variant == "lmforge":
+        if variant in PATCH_IMPL:
             unpatch(model)
         gc.collect()
         if device.type == "cuda":
