@@ -45,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_evolve_cli(commands)
 
+    from lmforge.prefs.loop import add_mdpo_cli
+
+    add_mdpo_cli(commands)
+
     from lmforge.quickstart import add_quickstart_cli
 
     add_quickstart_cli(commands)

@@ -555,8 +555,9 @@ def training_arguments(config: SFTConfig, run_dir: Path, *, has_eval: bool) -> A
         warmup_steps=config.warmup,
         max_grad_norm=config.max_grad_norm,
         bf16=bf16,
-        # Trainer accepts bf16 without a GPU only when told to train on the CPU (CPU autocast).
-        use_cpu=bf16 and not torch.cuda.is_available(),
+        # Without a GPU, say so: Trainer then accepts bf16 (CPU autocast), and under a plain torchrun (no
+        # `accelerate launch --cpu`) it still sees the gloo process group instead of training each rank alone.
+        use_cpu=not torch.cuda.is_available(),
         logging_steps=config.logging_steps,
         logging_first_step=True,
         eval_strategy="steps" if has_eval else "no",
