@@ -24,6 +24,15 @@ k -- is made from validation data. Test gold answers are read once, in phase 5.
 Fitness (``fitness``): ``"accuracy"`` of greedy direct answers, or the fast ``"loglik"`` mode; several
 tasks (``tasks``, each a ``+``-joined mix of generator skills) are combined with ``task_weights``.
 
+Where validation fitness is computed (``pool``, ``workers``; see :mod:`lmforge.evolve.pool`): ``"local"``
+(the default) scores adapters one after another in this process; ``"processes"`` and ``"ray"`` start
+``workers`` workers (with ``device="cuda"``: one per visible GPU by default), each loading the base model
+once, and every batch of new adapters (a generation's children and mutants, the experts, the ensemble's
+candidates) is spread over them. The scores are the same as in-process (bit for bit on CPUs), so the
+history and every choice are too. The LoraHub search stays sequential (each candidate depends on the best
+so far), and the test phase and the saved adapters still use this process's model, which stays loaded on
+``device`` (with ``device="cuda"`` the first GPU holds it as well as its worker's copy).
+
 State: after the experts' scores, the uniform merge, every LoraHub candidate, every generation and every
 test evaluation, a checkpoint folder ``checkpoints/step-NNNNNN/`` appears atomically (``run_state.json``:
 history, scores, fitness cache, RNG of the LoraHub search; ``population/``: the active population with its
@@ -49,6 +58,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 import yaml
 from tqdm.auto import tqdm
 
@@ -78,6 +88,14 @@ from lmforge.evolve.operators import (
     mutate,
     rank_by_fitness,
 )
+from lmforge.evolve.pool import (
+    POOL_BACKENDS,
+    EvaluatorSpec,
+    FitnessPool,
+    PoolFitnessCache,
+    default_threads_per_worker,
+    pool_devices,
+)
 from lmforge.evolve.population import Adapter, FitnessCache, Individual, Population, weighted_fitness
 from lmforge.files import write_text_atomic
 from lmforge.models.loading import write_directory_atomically
@@ -90,7 +108,7 @@ STATE_VERSION = 1
 STATE_JSON = "run_state.json"
 CHECKPOINTS = "checkpoints"
 # Fields that may change between a run and its resumption (they don't change what is computed).
-RESUMABLE_CHANGES = ("progress", "device")
+RESUMABLE_CHANGES = ("progress", "device", "pool", "workers")
 
 
 @dataclasses.dataclass
@@ -109,6 +127,9 @@ class EvolveConfig:
         "experts". succession is on for "genome+" and off for "genome".
     lorahub_budget: candidates of the LoraHub search; ensemble_max_k: largest ensemble tried.
     batch_size / max_new_tokens / system_prompt / answer_rules: evaluation (see lmforge.evolve.fitness).
+    pool: where validation fitness runs: "local" (this process), "processes" (torch.multiprocessing
+        workers) or "ray" (Ray actors); see lmforge.evolve.pool. workers: how many workers, one device each
+        (None: every visible GPU with device "cuda", 1 on the CPU; "local" has exactly one).
     """
 
     run_dir: str = "runs/evolve"
@@ -151,6 +172,8 @@ class EvolveConfig:
     max_new_tokens: int = 20
     system_prompt: str | None = SYSTEM_PROMPT
     answer_rules: list[str] = dataclasses.field(default_factory=lambda: list(EXTRACTION_RULES))
+    pool: str = "local"
+    workers: int | None = None
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -190,6 +213,14 @@ class EvolveConfig:
                 raise ValueError(f"{name} must be a non-negative int, got {value!r}")
         if isinstance(self.answer_rules, str) or any(r not in EXTRACTION_RULES for r in self.answer_rules):
             raise ValueError(f"answer_rules must be a list of rules from {EXTRACTION_RULES}, got {self.answer_rules!r}")
+        if self.pool not in POOL_BACKENDS:
+            raise ValueError(f"pool must be one of {POOL_BACKENDS}, got {self.pool!r}")
+        if self.workers is not None and (isinstance(self.workers, bool) or not isinstance(self.workers, int)
+                                         or self.workers < 1):
+            raise ValueError(f"workers must be a positive int or None, got {self.workers!r}")
+        if self.pool == "local" and self.workers not in (None, 1):
+            raise ValueError(f"workers={self.workers} needs pool='processes' or 'ray'; pool='local' scores in this "
+                             "process only")
         self.genome_config("genome+")  # validates the GENOME fields
 
     def genome_config(self, method: str) -> GenomeConfig:
@@ -241,6 +272,7 @@ class _Run:
     experts: list[Adapter]
     val_tasks: dict[str, list[AnswerExample]]
     test_tasks: dict[str, list[AnswerExample]]
+    pool: FitnessPool
     cache: FitnessCache
     state: dict
 
@@ -292,9 +324,25 @@ def _setup(config: EvolveConfig, run_dir: Path, state: dict) -> _Run:
                                  progress=False)
     val_tasks = _task_examples(config, tokenizer, "validation", config.n_validation)
     test_tasks = _task_examples(config, tokenizer, "test", config.n_test)
-    cache = FitnessCache(evaluator.fitness_fn(val_tasks, config.fitness))
+    pool = _open_pool(config, evaluator)
+    cache = PoolFitnessCache(pool, val_tasks, config.fitness)
     cache.load_state_dict(state["fitness_cache"])
-    return _Run(config, run_dir, evaluator, names, experts, val_tasks, test_tasks, cache, state)
+    return _Run(config, run_dir, evaluator, names, experts, val_tasks, test_tasks, pool, cache, state)
+
+
+def _open_pool(config: EvolveConfig, evaluator: AdapterEvaluator) -> FitnessPool:
+    """The run's fitness pool: this process's evaluator for "local", else workers loading the same model."""
+    if config.pool == "local":
+        return FitnessPool(backend="local", evaluator=evaluator)
+    # The workers load what _load_experts loaded: the same base model, dtype and first expert folder.
+    spec = EvaluatorSpec(adapter_folder=str(Path(config.expert_folders[0]).expanduser()), model=config.model,
+                         dtype=config.dtype, batch_size=config.batch_size, max_new_tokens=config.max_new_tokens,
+                         answer_rules=tuple(config.answer_rules))
+    devices = pool_devices(config.device, config.workers)
+    threads = default_threads_per_worker(devices)
+    if threads is not None:  # CPU workers split this process's torch threads, so the sum stays the same
+        threads = max(1, torch.get_num_threads() // len(devices))
+    return FitnessPool(spec, backend=config.pool, devices=devices, threads_per_worker=threads)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,11 +411,10 @@ def _score_experts(run: _Run) -> None:
     if run.state["experts"] is not None:
         return
     started = time.perf_counter()
-    entries = []
-    for name, adapter in tqdm(list(zip(run.expert_names, run.experts)), desc="experts", unit="adapter",
-                              disable=not run.config.progress):
-        scores = _score_adapter(run, adapter, "expert")
-        entries.append({"name": name, "val_scores": scores, "val_fitness": _fitness(run, scores)})
+    individuals = [Individual(uid=-1, adapter=adapter, origin="expert") for adapter in run.experts]
+    run.cache.score(individuals, progress=run.config.progress)  # one batch, so a pool scores them in parallel
+    entries = [{"name": name, "val_scores": dict(ind.val_scores), "val_fitness": _fitness(run, ind.val_scores)}
+               for name, ind in zip(run.expert_names, individuals)]
     run.state["experts"] = entries
     _timed(run, "experts", started)
     _save_checkpoint(run)
@@ -495,8 +542,8 @@ def _choose_ensemble(run: _Run, population: Population) -> dict:
     fitness = population.val_fitness()
     order = rank_by_fitness(fitness)[:min(run.config.ensemble_max_k, len(fitness))]
     examples = _val_examples(run)
-    predictions = [[canonical_answer(a) for a in run.evaluator.answers(population.individuals[i].adapter, examples)]
-                   for i in order]
+    answers = run.pool.answers([population.individuals[i].adapter for i in order], examples)
+    predictions = [[canonical_answer(a) for a in member_answers] for member_answers in answers]
     choice = choose_ensemble_size(predictions, [e.gold for e in examples], [fitness[i] for i in order],
                                   is_correct=lambda answer, gold: is_equivalent(answer, gold))
     return {"order": order, "k": choice.k, "val_accuracy_by_k": choice.val_accuracy_by_k,
@@ -715,15 +762,18 @@ def run_evolution(config: EvolveConfig, *, resume: bool = False) -> EvolveResult
         write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
 
     run = _setup(config, run_dir, state)
-    _score_experts(run)
-    _score_uniform(run)
-    _run_lorahub(run)
-    populations = {}
-    for method in config.methods:
-        running = state["methods"].get(method, {}).get("status") == "running"
-        _run_method(run, method, active_population if running else None)
-        populations[method] = Population.load(_method_folder(run, method) / "final_population")
-    systems, ensemble, ensemble_name = _run_test_phase(run, populations)
+    try:
+        _score_experts(run)
+        _score_uniform(run)
+        _run_lorahub(run)
+        populations = {}
+        for method in config.methods:
+            running = state["methods"].get(method, {}).get("status") == "running"
+            _run_method(run, method, active_population if running else None)
+            populations[method] = Population.load(_method_folder(run, method) / "final_population")
+        systems, ensemble, ensemble_name = _run_test_phase(run, populations)
+    finally:
+        run.pool.close()
     model_name = config.model or "embedded SmolLM2-135M-Instruct"
     return _write_outputs(run, systems, ensemble, ensemble_name, model_name)
 
