@@ -214,9 +214,12 @@ class _ReplicatedInput(torch.autograd.Function):
     def backward(ctx, grad):
         import torch.distributed as dist
 
-        grad = grad.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
-        return grad, None
+        # 16-bit partials are summed in fp32 and rounded once: a 16-bit all-reduce rounds after every
+        # addition (on 2 H200s dE's error vs float64 was 3.0e-3 that way, against 2.0e-3 on one GPU).
+        wide = torch.float32 if grad.dtype in (torch.float16, torch.bfloat16) else grad.dtype
+        total = grad.to(wide, memory_format=torch.contiguous_format, copy=True)
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=ctx.group)
+        return total.to(grad.dtype), None
 
 
 class _CombineBlockStats(torch.autograd.Function):
