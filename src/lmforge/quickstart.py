@@ -6,8 +6,14 @@
    equal values, and the peak extra memory of each (VmHWM on the CPU, the allocator's peak on CUDA).
 3. A short LoRA SFT of the model on generated tool-integrated solutions (``lmforge sft``), with its
    loss curve.
-4. ``lmforge agent eval`` before and after that SFT on held-out generated problems (greedy,
-   tool-integrated rollouts in the sandbox): accuracy, tool use, per-level accuracy.
+4. ``lmforge agent eval`` of the base model on held-out generated problems (greedy, tool-integrated
+   rollouts in the sandbox): accuracy, tool use, per-level accuracy.
+5. One online M-DPO iteration from the SFT policy (``lmforge mdpo run``): sample, grade, pair, train
+   on the policy's own tokens against the SFT policy as reference; the loop evaluates the SFT policy
+   and the trained one on the same held-out problems as step 4.
+6. A short GENOME+ run (``lmforge evolve make-experts`` then ``lmforge evolve``): LoRA experts of single
+   skills, evolved without gradients for a task that mixes them; test accuracy of the best expert, the
+   merges, the evolved individual and the ensemble, and the fitness-over-generations plot.
 
 Everything lands in one run folder with a report.md; the command prints where.
 """
@@ -42,7 +48,24 @@ class QuickstartConfig:
     sft_max_length: int = 256
     eval_problems: int = 24  # held-out generated problems for agent eval before and after SFT
     eval_levels: list[int] = dataclasses.field(default_factory=lambda: [1, 2])
+    # One M-DPO iteration: prompts x samples trajectories at temperature 1, a few small LoRA steps (larger
+    # learning rates overshot in bench/mdpo_quality.py: lr 5e-4 halved held-out accuracy in 3 steps).
+    mdpo_prompts: int = 16
+    mdpo_samples: int = 4
+    mdpo_learning_rate: float = 5e-5
+    mdpo_steps: int = 3
+    # A small evolution: one expert per skill, then GENOME+ for the task mixing them (direct answers).
+    evolve_skills: list[str] = dataclasses.field(default_factory=lambda: ["add_sub", "mul_div", "rate"])
+    # Sized for the quickstart's time budget (~4 minutes on 2 cores), not for quality: bench/evolve_quality.py
+    # is the experiment; here the experts are barely trained and the test split is small and noisy.
+    evolve_expert_steps: int = 12
+    evolve_population: int = 4
+    evolve_generations: int = 2
+    evolve_problems: int = 16  # validation problems (fitness) and, separately, test problems
     seed: int = 0
+
+
+MDPO_ROLLOUT_BATCH = 32  # trajectories in flight, for the M-DPO stage and every held-out evaluation
 
 
 def _device(name: str) -> str:
@@ -101,18 +124,18 @@ def run_quickstart(config: QuickstartConfig) -> dict:
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = _device(config.device)
-    print(f"[1/4] loading the embedded SmolLM2-135M-Instruct on {device} (converted once on first use)")
+    print(f"[1/6] loading the embedded SmolLM2-135M-Instruct on {device} (converted once on first use)")
     t0 = time.perf_counter()
     model, tokenizer = load_model(None, dtype="float32", device=device)
     load_s = time.perf_counter() - t0
     print(f"      loaded in {load_s:.1f} s")
 
-    print(f"[2/4] loss on {config.cce_tokens} tokens of tool-integrated solutions: logits vs lmforge.cce")
+    print(f"[2/6] loss on {config.cce_tokens} tokens of tool-integrated solutions: logits vs lmforge.cce")
     demo = cce_memory_demo(model, tokenizer, config.cce_tokens, config.seed)
     for name in ("materialised logits", "lmforge.cce"):
         print(f"      {name:20s} loss {demo[name]['loss']:.5f}  peak extra memory {demo[name]['peak_extra_mb']:.0f} MB")
 
-    print(f"[3/4] LoRA SFT for {config.sft_steps} steps on generated tool-integrated solutions "
+    print(f"[3/6] LoRA SFT for {config.sft_steps} steps on generated tool-integrated solutions "
           f"(levels {config.eval_levels})")
     sft = run_sft(SFTConfig(output_dir=str(out / "sft"), max_steps=config.sft_steps,
                             learning_rate=config.sft_learning_rate, levels=config.eval_levels,
@@ -120,25 +143,50 @@ def run_quickstart(config: QuickstartConfig) -> dict:
                             max_length=config.sft_max_length, seed=config.seed, logging_steps=5,
                             save_steps=max(10, config.sft_steps // 2)))
 
-    print(f"[4/4] agent eval on {config.eval_problems} held-out problems, before and after SFT")
+    print(f"[4/6] agent eval of the base model on {config.eval_problems} held-out problems")
     from lmforge.agent.evaluate import EvalConfig, run_eval
 
-    evals = {}
-    for name, adapter in (("before SFT", None), ("after SFT", sft["final_dir"])):
-        eval_config = EvalConfig(adapter=adapter, n_problems=config.eval_problems, levels=config.eval_levels,
-                                 split="test", max_tool_calls=3, max_new_tokens_per_turn=160,
-                                 max_total_tokens=768, device=device, dtype="float32", seed=config.seed,
-                                 output_dir=str(out / ("eval-before" if adapter is None else "eval-after")))
-        if adapter is None:
-            evals[name] = run_eval(eval_config, model=model, tokenizer=tokenizer)
-        else:
-            del model
-            evals[name] = run_eval(eval_config)
-        print(f"      {name}: accuracy {evals[name]['accuracy']:.1%}, tool use {evals[name]['tool_use_rate']:.0%}")
-    report = _report(config, load_s, demo, sft, evals)
+    # The same problems and budgets as the M-DPO loop's held-out evaluations (its iteration 0 is the SFT
+    # policy, iteration 1 the policy after one M-DPO iteration), so the three rows compare like with like.
+    eval_config = EvalConfig(n_problems=config.eval_problems, levels=config.eval_levels, split="test",
+                             max_tool_calls=3, max_new_tokens_per_turn=160, max_total_tokens=768,
+                             batch_size=MDPO_ROLLOUT_BATCH, device=device, dtype="float32", seed=config.seed,
+                             output_dir=str(out / "eval-before"))
+    evals = {"base model": run_eval(eval_config, model=model, tokenizer=tokenizer)}
+    del model
+    print(f"      base model: accuracy {evals['base model']['accuracy']:.1%}")
+    mdpo = run_mdpo_stage(config, sft["final_dir"], out / "mdpo", device)
+    for t, name in ((0, "after SFT"), (1, "after SFT + one M-DPO iteration")):
+        if "eval" in mdpo["iterations"].get(t, {}):
+            evals[name] = mdpo["iterations"][t]["eval"]
+    evolution = run_evolution_stage(config, out / "evolve", device)
+    report = _report(config, load_s, demo, sft, evals) + _mdpo_report(config, mdpo) \
+        + _evolution_report(config, evolution)
     write_text_atomic(out / "report.md", report)
     print(f"report: {out / 'report.md'}")
-    return dict(load_seconds=load_s, cce=demo, sft=sft, report=str(out / "report.md"))
+    return dict(load_seconds=load_s, cce=demo, sft=sft, evals=evals, mdpo=mdpo, evolution=evolution,
+                report=str(out / "report.md"))
+
+
+def run_mdpo_stage(config: QuickstartConfig, sft_adapter: str, run_dir: Path, device: str) -> dict:
+    """One iteration of the online M-DPO loop from the SFT adapter, evaluated on the same held-out
+    problems as the SFT stage (the loop evaluates its starting policy as iteration 0)."""
+    from lmforge.prefs.loop import MDPOLoopConfig, run_mdpo_loop
+
+    print(f"[5/6] one M-DPO iteration: {config.mdpo_prompts} prompts x {config.mdpo_samples} samples, "
+          f"{config.mdpo_steps} LoRA steps; held-out accuracy before and after")
+    loop = MDPOLoopConfig(
+        init_adapter=sft_adapter, output_dir=str(run_dir), iterations=1, device=device, dtype="float32",
+        seed=config.seed, n_prompts=config.mdpo_prompts, levels=config.eval_levels,
+        samples_per_prompt=config.mdpo_samples, max_tool_calls=3, max_new_tokens_per_turn=160,
+        max_total_tokens=768, rollout_batch_size=MDPO_ROLLOUT_BATCH, pairs_per_prompt=2, loss="m_dpo",
+        learning_rate=config.mdpo_learning_rate, max_steps=config.mdpo_steps, batch_size=4, warmup=0.0,
+        eval_problems=config.eval_problems)
+    result = run_mdpo_loop(loop, resume=(run_dir / "state.json").is_file())
+    accuracy = result["accuracy"]
+    if 0 in accuracy and 1 in accuracy:
+        print(f"      held-out accuracy: SFT policy {accuracy[0]:.1%} -> after one M-DPO iteration {accuracy[1]:.1%}")
+    return result
 
 
 def _report(config, load_s, demo, sft, evals) -> str:
@@ -175,6 +223,66 @@ def _report(config, load_s, demo, sft, evals) -> str:
     for name, m in evals.items():
         lines.append(f"| {name} | {m['accuracy']:.1%} | {m['tool_use_rate']:.0%} | {m['mean_tool_calls']:.2f} "
                      f"| {m['tool_error_rate']:.0%} | {m['unanswered_rate']:.0%} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_evolution_stage(config: QuickstartConfig, root: Path, device: str) -> dict:
+    """Train one LoRA expert per skill, then evolve them (GENOME+, log-likelihood fitness) for the mixed task."""
+    from lmforge.evolve.experts import ExpertsConfig, make_experts
+    from lmforge.evolve.run import EvolveConfig, run_evolution
+
+    task = "+".join(config.evolve_skills)
+    print(f"[6/6] evolution: {len(config.evolve_skills)} LoRA experts ({', '.join(config.evolve_skills)}), then "
+          f"GENOME+ for '{task}' (population {config.evolve_population}, {config.evolve_generations} generations)")
+    experts = make_experts(ExpertsConfig(
+        output_dir=str(root), device=device, dtype="float32", skills=list(config.evolve_skills),
+        levels=config.eval_levels, n_train=96, steps=config.evolve_expert_steps, seed=config.seed,
+        task_skills=list(config.evolve_skills), task_levels=config.eval_levels,
+        n_validation=config.evolve_problems, n_test=config.evolve_problems, progress=False))
+    evolve_config = EvolveConfig(
+        run_dir=str(root / "run"), expert_folders=[str(f) for f in experts.expert_folders.values()],
+        device=device, dtype="float32", methods=["genome+"], tasks=[task], levels=config.eval_levels,
+        n_validation=config.evolve_problems, n_test=config.evolve_problems, data_seed=config.seed,
+        fitness="loglik", seed=config.seed, population_size=config.evolve_population,
+        generations=config.evolve_generations, n_children=config.evolve_population,
+        lorahub_budget=config.evolve_population, ensemble_max_k=3, max_new_tokens=16, progress=False)
+    result = run_evolution(evolve_config, resume=(root / "run").is_dir())  # a re-run continues or re-reads it
+    for name, accuracy in result.test_accuracy.items():
+        print(f"      test accuracy {name:22s} {accuracy:.1%}")
+    return dict(test_accuracy=result.test_accuracy, val_fitness=result.val_fitness, ensemble_k=result.ensemble_k,
+                best_system=result.best_system, run_dir=str(result.run_dir), task=task)
+
+
+def _evolution_report(config: QuickstartConfig, evolution: dict) -> str:
+    run_dir = Path(evolution["run_dir"])
+    lines = ["", f"## Evolution (GENOME+ on LoRA experts, task '{evolution['task']}')", "",
+             f"Population {config.evolve_population}, {config.evolve_generations} generations, fitness = likelihood "
+             f"of the gold answer on {config.evolve_problems} validation problems; accuracy on "
+             f"{config.evolve_problems} separate test problems (greedy direct answers).", "",
+             "| system | validation fitness | test accuracy |", "|---|---:|---:|"]
+    for name, accuracy in evolution["test_accuracy"].items():
+        fitness = evolution["val_fitness"].get(name)
+        lines.append(f"| {name} | {'-' if fitness is None else f'{fitness:.4f}'} | {accuracy:.1%} |")
+    lines += ["", f"Ensemble size chosen on validation data: {evolution['ensemble_k']}; run report "
+              f"`{os.path.relpath(run_dir / 'report.md', config.output_dir)}`.", "",
+              f"![fitness over generations]({os.path.relpath(run_dir / 'fitness.png', config.output_dir)})"]
+    return "\n".join(lines) + "\n"
+
+
+def _mdpo_report(config: QuickstartConfig, mdpo: dict) -> str:
+    first = mdpo["iterations"].get(1, {})
+    sampling, pairs, training = first.get("sampling", {}), first.get("pairs", {}), first.get("training", {})
+    trained = ("skipped (no pairs)" if "skipped" in training else
+               f"final loss {training.get('loss', float('nan')):.3f}, reward accuracy "
+               f"{training.get('reward_accuracy', float('nan')):.2f}")
+    lines = ["", f"## One M-DPO iteration ({config.mdpo_prompts} prompts x {config.mdpo_samples} samples, "
+             f"{config.mdpo_steps} LoRA steps at lr {config.mdpo_learning_rate:g})", "",
+             f"Sampling from the SFT policy: {sampling.get('trajectories', 'n/a')} trajectories, correct rate "
+             f"{sampling.get('correct_rate', float('nan')):.1%}; {pairs.get('pairs', 0)} (correct, incorrect) pairs; "
+             f"training against the SFT policy as reference: {trained}. Held-out accuracy before and after: the "
+             f"agent eval table above. Loop report: `{os.path.relpath(mdpo['report_path'], config.output_dir)}`."]
+    if Path(mdpo["plot_path"]).is_file():
+        lines += ["", f"![M-DPO progress]({os.path.relpath(mdpo['plot_path'], config.output_dir)})"]
     return "\n".join(lines) + "\n"
 
 
