@@ -42,6 +42,7 @@ same scores, cache contents and call counts as the one-at-a-time cache.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import pickle
@@ -387,10 +388,8 @@ class _ProcessBackend:
 
     def close(self) -> None:
         for connection in self.connections:
-            try:
+            with contextlib.suppress(BrokenPipeError, OSError):  # the worker is gone already
                 connection.send(None)
-            except (BrokenPipeError, OSError):
-                pass
         for process in self.processes:
             process.join(timeout=10)
             if process.is_alive():  # stuck in a job: stop it
@@ -472,10 +471,8 @@ class _RayBackend:
     def close(self) -> None:
         ray = self.ray
         for actor in self.actors:
-            try:
+            with contextlib.suppress(Exception):  # already gone
                 ray.kill(actor)
-            except Exception:  # already gone
-                pass
         self.actors = []
         if self.started_ray and ray.is_initialized():
             ray.shutdown()
