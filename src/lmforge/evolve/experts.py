@@ -16,6 +16,13 @@ With ``shared_init`` (the default) every expert starts from the *same* A initial
 share a starting point merge more meaningfully factor by factor (as fine-tunes of one checkpoint do),
 which is what GENOME's crossover and LoraHub's weighted sums do.
 
+With ``frozen_a`` as well, only the B matrices are trained (as LoRA-FA does) and every expert keeps that
+shared A. Then a factor-wise merge is exactly the same merge of the experts' weight deltas:
+``(sum_i w_i B_i) A = sum_i w_i (B_i A)``. Without it, A moves far from its initialisation (on the
+embedded model, 48 or 96 AdamW steps at lr 2e-3 moved it by 1.5-1.6 times its initial norm), so a merge
+of factors, ``(sum_i w_i B_i)(sum_j w_j A_j)``, shrinks each expert's own product by w_i^2 and adds the
+cross products B_i A_j of unrelated experts.
+
 The training loop is our own small one, not ``lmforge.models.sft.run_sft``: run_sft trains on
 tool-integrated solutions, while the fitness here asks for direct answers, and a model trained on the
 first format does not answer in the second.
@@ -64,6 +71,8 @@ class ExpertsConfig:
     n_train / steps / batch_size / learning_rate: training problems per expert and the AdamW run.
     lora_rank / lora_alpha / lora_target_modules: the adapters (None: every linear layer of the blocks).
     shared_init: every expert starts from the same LoRA initialisation (see the module docstring).
+    frozen_a: train only the B matrices, so every expert keeps the shared initial A and merges of factors
+        are merges of weight deltas (see the module docstring); needs shared_init.
     seed: data and initialisation seed.
     task_skills / task_levels / n_validation / n_test / evolve_run_dir: the new task written to evolve.yaml.
     """
@@ -83,6 +92,7 @@ class ExpertsConfig:
     lora_alpha: float = 16.0
     lora_target_modules: list[str] | None = None
     shared_init: bool = True
+    frozen_a: bool = False
     seed: int = 0
     system_prompt: str | None = SYSTEM_PROMPT
     task_skills: list[str] = dataclasses.field(default_factory=lambda: ["add_sub", "mul_div", "rate"])
@@ -113,6 +123,9 @@ class ExpertsConfig:
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
         if len(self.skills) < 2:
             raise ValueError(f"evolution merges experts: skills needs at least 2 entries, got {self.skills!r}")
+        if self.frozen_a and not self.shared_init:
+            raise ValueError("frozen_a keeps every expert's A at its initialisation, which only makes merges exact "
+                             "when that initialisation is shared: set shared_init=True or frozen_a=False")
 
 
 @dataclasses.dataclass
@@ -153,12 +166,14 @@ def reply_loss(model, examples: Sequence[AnswerExample], pad_id: int) -> torch.T
 
 
 def train_lora(model, tokenizer, examples: Sequence[AnswerExample], *, steps: int, batch_size: int,
-               learning_rate: float, seed: int, progress: bool = False, description: str = "train") -> list[float]:
+               learning_rate: float, seed: int, progress: bool = False, description: str = "train",
+               train_a: bool = True) -> list[float]:
     """Train the model's LoRA parameters (only them) with AdamW on ``examples``; return the loss per step.
 
-    Batches walk through a seeded shuffle of the examples, reshuffled every epoch.
+    ``train_a=False`` trains the B matrices only (the A matrices keep their values). Batches walk through
+    a seeded shuffle of the examples, reshuffled every epoch.
     """
-    parameters = list(lora_parameters(model).values())
+    parameters = [p for key, p in lora_parameters(model).items() if train_a or ".lora_A." not in key]
     for p in parameters:
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.0)
@@ -217,10 +232,11 @@ def make_experts(config: ExpertsConfig) -> ExpertsResult:
         examples = encode_answer_examples(problems, tokenizer, task=skill, system_prompt=config.system_prompt)
         losses = train_lora(model, tokenizer, examples, steps=config.steps, batch_size=config.batch_size,
                             learning_rate=config.learning_rate, seed=config.seed + index,
-                            progress=config.progress, description=f"expert {skill}")
+                            progress=config.progress, description=f"expert {skill}", train_a=not config.frozen_a)
         tail = losses[-max(1, len(losses) // 4):]
         record = {"skill": skill, "levels": config.levels, "n_train": config.n_train, "steps": config.steps,
-                  "batch_size": config.batch_size, "learning_rate": config.learning_rate, "losses": losses,
+                  "batch_size": config.batch_size, "learning_rate": config.learning_rate,
+                  "frozen_a": config.frozen_a, "losses": losses,
                   "final_loss": sum(tail) / len(tail), "seconds": time.perf_counter() - started}
         with write_directory_atomically(folder) as staging:
             model.save_pretrained(staging, safe_serialization=True)
