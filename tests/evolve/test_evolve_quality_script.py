@@ -3,6 +3,7 @@ on a tiny random model (every phase, two seeds, reuse of finished seeds, refusal
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -104,7 +105,8 @@ def test_aggregate_matches_numpy_and_hand_verdicts():
 
 
 def test_evaluation_count_and_budget_fit_by_hand():
-    settings = quality.QualitySettings()  # population 8, 8 children, 6 generations, LoraHub 16, k <= 5
+    settings = quality.QualitySettings(population_size=8, n_children=8, generations=6, lorahub_budget=16,
+                                       ensemble_max_k=5, n_validation=200, n_test=400)
     config = quality.seed_config(settings, 0, ["a", "b", "c", "d", "e"], Path("unused"), model=None, device="cpu",
                                  dtype="auto", progress=False)
     # per generation: 8 children + 0.3 x (8 + 8) expected mutants = 12.8; GENOME+ also re-scores 8 - 1 moved.
@@ -118,7 +120,7 @@ def test_evaluation_count_and_budget_fit_by_hand():
         return quality.seed_config(s, 0, ["a", "b", "c", "d", "e"], Path("unused"), model=None, device="cpu",
                                    dtype="auto", progress=False)
 
-    five = quality.estimate_seconds(make_config(quality.QualitySettings(generations=5)), 5, 3, timing)
+    five = quality.estimate_seconds(make_config(dataclasses.replace(settings, generations=5)), 5, 3, timing)
     assert quality.fit_generations(settings, 5, 3, timing, 1e9, make_config) == 6
     assert quality.fit_generations(settings, 5, 3, timing, five, make_config) == 5
     assert quality.fit_generations(settings, 5, 3, timing, five - 1e-6, make_config) == 4
@@ -196,6 +198,13 @@ def test_tiny_run_end_to_end_reuses_seeds_and_refuses_changed_settings(tiny_base
     assert {seed: (out / f"seed-{seed}" / "result.json").stat().st_mtime_ns for seed in (0, 1)} == stamps
     assert again["aggregate"] == summary["aggregate"]
 
+    # The experts' recorded recipe is the one asked for; another recipe is reported field by field.
+    folders = {skill: out / "experts" / skill for skill in ("add_sub", "rate")}
+    tiny = quality.QualitySettings(**quality.TINY)
+    assert quality.recipe_differences(folders, tiny) == []
+    assert quality.recipe_differences(folders, dataclasses.replace(tiny, expert_steps=5)) == [
+        "add_sub steps=2 (asked 5)", "rate steps=2 (asked 5)"]
+
     # Other settings in the same folder would mix two experiments: refused, naming the changed field.
     with pytest.raises(ValueError, match="generations"):
         quality.main([*args, "--generations", "2"])
@@ -207,7 +216,7 @@ def test_seed_config_is_a_valid_evolve_config_with_fixed_data():
                                  progress=False)
     assert isinstance(config, EvolveConfig)
     assert (config.seed, config.data_seed, config.fitness) == (2, 0, "accuracy")
-    assert (config.n_validation, config.n_test) == (200, 400)
+    assert (config.n_validation, config.n_test) == (settings.n_validation, settings.n_test)
 
 
 def test_frozen_a_experts_keep_the_shared_a_so_factor_merges_are_delta_merges(tiny_base, tmp_path):
