@@ -8,8 +8,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import typing
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -85,3 +88,31 @@ def config_from_args(cls, args: argparse.Namespace):
     file_values = load_config_file(args.config) if getattr(args, "config", None) else {}
     overrides = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(cls)}}
     return build_config(cls, file_values, overrides)
+
+
+# Validation of config fields, shared by the commands' __post_init__ checks.
+
+
+def check_choice(name: str, value: Any, options: Sequence[str]) -> None:
+    """ValueError naming ``name`` unless ``value`` is one of ``options``."""
+    if value not in options:
+        raise ValueError(f"{name} must be one of {tuple(options)}, got {value!r}")
+
+
+def check_int(name: str, value: Any, *, minimum: int) -> None:
+    """TypeError unless ``value`` is an int (bools refused); ValueError if it is below ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}: {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def check_number(name: str, value: Any, *, low: float | None = None, high: float | None = None,
+                 low_open: bool = False, high_open: bool = False) -> None:
+    """TypeError unless ``value`` is a finite real number; ValueError outside [low, high] (open ends on request)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise TypeError(f"{name} must be a finite number, got {value!r}")
+    if low is not None and (value < low or (low_open and value == low)):
+        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value}")
+    if high is not None and (value > high or (high_open and value == high)):
+        raise ValueError(f"{name} must be {'<' if high_open else '<='} {high}, got {value}")

@@ -72,7 +72,7 @@ from typing import Any
 import torch
 import yaml
 
-from lmforge.config import add_config_arguments, config_from_args
+from lmforge.config import add_config_arguments, check_choice, check_int, check_number, config_from_args
 from lmforge.files import read_jsonl, write_text_atomic
 
 logger = logging.getLogger(__name__)
@@ -185,27 +185,27 @@ class SFTConfig:
         if not isinstance(self.output_dir, (str, os.PathLike)) or not os.fspath(self.output_dir):
             raise TypeError(f"output_dir must be a non-empty path string, got {self.output_dir!r}")
         self.output_dir = os.fspath(self.output_dir)
-        _check_choice("tool_role", self.tool_role, TOOL_ROLE_OPTIONS)
-        _check_choice("finetune", self.finetune, FINETUNE_OPTIONS)
-        _check_choice("precision", self.precision, PRECISION_OPTIONS)
+        check_choice("tool_role", self.tool_role, TOOL_ROLE_OPTIONS)
+        check_choice("finetune", self.finetune, FINETUNE_OPTIONS)
+        check_choice("precision", self.precision, PRECISION_OPTIONS)
         for name in ("n_examples", "max_length", "batch_size", "grad_accumulation", "save_steps", "logging_steps",
                      "lora_rank"):
-            _check_int(name, getattr(self, name), minimum=1)
+            check_int(name, getattr(self, name), minimum=1)
         for name in ("max_steps", "eval_batch_size", "eval_steps", "save_total_limit"):
             if getattr(self, name) is not None:
-                _check_int(name, getattr(self, name), minimum=1)
-        _check_int("seed", self.seed, minimum=0)
+                check_int(name, getattr(self, name), minimum=1)
+        check_int("seed", self.seed, minimum=0)
         if self.max_length < 2:
             raise ValueError(f"max_length must be at least 2 tokens, got {self.max_length}")
-        _check_number("eval_fraction", self.eval_fraction, low=0.0, high=1.0, high_open=True)
-        _check_number("epochs", self.epochs, low=0.0, low_open=True)
-        _check_number("warmup", self.warmup, low=0.0)
-        _check_number("weight_decay", self.weight_decay, low=0.0)
-        _check_number("max_grad_norm", self.max_grad_norm, low=0.0)
-        _check_number("lora_alpha", self.lora_alpha, low=0.0, low_open=True)
-        _check_number("lora_dropout", self.lora_dropout, low=0.0, high=1.0, high_open=True)
+        check_number("eval_fraction", self.eval_fraction, low=0.0, high=1.0, high_open=True)
+        check_number("epochs", self.epochs, low=0.0, low_open=True)
+        check_number("warmup", self.warmup, low=0.0)
+        check_number("weight_decay", self.weight_decay, low=0.0)
+        check_number("max_grad_norm", self.max_grad_norm, low=0.0)
+        check_number("lora_alpha", self.lora_alpha, low=0.0, low_open=True)
+        check_number("lora_dropout", self.lora_dropout, low=0.0, high=1.0, high_open=True)
         if self.learning_rate is not None:
-            _check_number("learning_rate", self.learning_rate, low=0.0, low_open=True)
+            check_number("learning_rate", self.learning_rate, low=0.0, low_open=True)
         if self.warmup >= 1 and self.warmup != int(self.warmup):
             raise ValueError(f"warmup must be a fraction < 1 or a whole number of steps, got {self.warmup}")
         for name in ("gradient_checkpointing", "cce", "resume"):
@@ -221,11 +221,11 @@ class SFTConfig:
             if not isinstance(self.levels, (list, tuple)) or not self.levels:
                 raise TypeError(f"levels must be a non-empty list of ints or None, got {self.levels!r}")
             for level in self.levels:
-                _check_int("levels", level, minimum=1)
+                check_int("levels", level, minimum=1)
             self.levels = list(self.levels)
         from lmforge.cce.api import IMPLS
 
-        _check_choice("cce_impl", self.cce_impl, IMPLS)
+        check_choice("cce_impl", self.cce_impl, IMPLS)
 
     @property
     def resolved_learning_rate(self) -> float:
@@ -233,28 +233,6 @@ class SFTConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def _check_choice(name: str, value: Any, options: Sequence[str]) -> None:
-    if value not in options:
-        raise ValueError(f"{name} must be one of {tuple(options)}, got {value!r}")
-
-
-def _check_int(name: str, value: Any, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}: {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-
-
-def _check_number(name: str, value: Any, *, low: float | None = None, high: float | None = None,
-                  low_open: bool = False, high_open: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise TypeError(f"{name} must be a finite number, got {value!r}")
-    if low is not None and (value < low or (low_open and value == low)):
-        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value}")
-    if high is not None and (value > high or (high_open and value == high)):
-        raise ValueError(f"{name} must be {'<' if high_open else '<='} {high}, got {value}")
 
 
 def _check_string_list(name: str, value: Any) -> list[str]:
@@ -361,7 +339,7 @@ def template_renders_tool_role(tokenizer: Any) -> bool:
 def resolve_tool_role(tokenizer: Any, tool_role: str) -> str:
     """"tool" or "user": the role tool messages are rendered with, for ``tool_role`` in
     ("auto", "tool", "user")."""
-    _check_choice("tool_role", tool_role, TOOL_ROLE_OPTIONS)
+    check_choice("tool_role", tool_role, TOOL_ROLE_OPTIONS)
     if tool_role != "auto":
         return tool_role
     return "tool" if template_renders_tool_role(tokenizer) else "user"
@@ -522,7 +500,7 @@ def collate_chat_batch(features: Sequence[Mapping[str, Sequence[int]]], *, pad_t
 
 def use_bf16(precision: str) -> bool:
     """Whether training runs in bf16 mixed precision: "auto" = on CUDA devices that support bf16."""
-    _check_choice("precision", precision, PRECISION_OPTIONS)
+    check_choice("precision", precision, PRECISION_OPTIONS)
     if precision == "auto":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     return precision == "bf16"

@@ -49,7 +49,7 @@ from typing import Any
 import torch
 import yaml
 
-from lmforge.config import add_config_arguments, config_from_args
+from lmforge.config import add_config_arguments, check_int, config_from_args
 from lmforge.files import write_text_atomic
 from lmforge.prefs.trainer import PrefTrainConfig, use_bf16
 
@@ -169,12 +169,12 @@ class MDPOLoopConfig:
         self.output_dir = os.fspath(self.output_dir)
         for name in ("iterations", "n_prompts", "samples_per_prompt", "max_new_tokens_per_turn",
                      "max_total_tokens", "rollout_batch_size", "pairs_per_prompt", "eval_problems"):
-            _check_int(name, getattr(self, name), minimum=1)
+            check_int(name, getattr(self, name), minimum=1)
         for name in ("max_tool_calls", "eval_samples", "train_eval_problems", "seed"):
-            _check_int(name, getattr(self, name), minimum=0)
+            check_int(name, getattr(self, name), minimum=0)
         for name in ("max_pair_length", "train_eval_steps"):
             if getattr(self, name) is not None:
-                _check_int(name, getattr(self, name), minimum=1)
+                check_int(name, getattr(self, name), minimum=1)
         for name in ("temperature", "eval_temperature"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
@@ -207,7 +207,7 @@ class MDPOLoopConfig:
         if not isinstance(self.pass_k, (list, tuple)) or not self.pass_k:
             raise TypeError(f"pass_k must be a non-empty list of ints, got {self.pass_k!r}")
         for k in self.pass_k:
-            _check_int("pass_k", k, minimum=1)
+            check_int("pass_k", k, minimum=1)
         self.pass_k = list(self.pass_k)
         if self.eval_samples and max(self.pass_k) > self.eval_samples:
             raise ValueError(f"pass_k {self.pass_k} needs eval_samples >= {max(self.pass_k)}, got {self.eval_samples}")
@@ -230,13 +230,6 @@ class MDPOLoopConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def _check_int(name: str, value: Any, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}: {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -79,6 +79,7 @@ import torch
 import yaml
 from torch import nn
 
+from lmforge.config import check_choice, check_int, check_number
 from lmforge.files import write_text_atomic
 from lmforge.prefs.losses import M_DPO_VARIANTS, m_dpo_loss, m_kto_loss
 from lmforge.prefs.pairs import KTOExample, PreferenceData, PreferencePair, collate_kto, collate_pairs
@@ -196,42 +197,42 @@ class PrefTrainConfig:
     def __post_init__(self) -> None:
         from lmforge.cce.api import IMPLS
 
-        _check_choice("loss", self.loss, LOSSES)
-        _check_choice("dpo_variant", self.dpo_variant, M_DPO_VARIANTS)
-        _check_choice("reference", self.reference, REFERENCES)
-        _check_choice("finetune", self.finetune, FINETUNE_OPTIONS)
-        _check_choice("precision", self.precision, PRECISION_OPTIONS)
-        _check_choice("cce_impl", self.cce_impl, IMPLS)
+        check_choice("loss", self.loss, LOSSES)
+        check_choice("dpo_variant", self.dpo_variant, M_DPO_VARIANTS)
+        check_choice("reference", self.reference, REFERENCES)
+        check_choice("finetune", self.finetune, FINETUNE_OPTIONS)
+        check_choice("precision", self.precision, PRECISION_OPTIONS)
+        check_choice("cce_impl", self.cce_impl, IMPLS)
         if self.reference == "base" and self.finetune != "lora":
             raise ValueError("reference='base' (the adapter disabled) needs finetune='lora'; with full fine-tuning "
                              "pass reference='policy' or precomputed reference_logps")
-        _check_number("beta", self.beta, low=0.0, low_open=True)
-        _check_number("label_smoothing", self.label_smoothing, low=0.0, high=0.5, high_open=True)
+        check_number("beta", self.beta, low=0.0, low_open=True)
+        check_number("label_smoothing", self.label_smoothing, low=0.0, high=0.5, high_open=True)
         if self.label_smoothing > 0 and self.dpo_variant != "sigmoid":
             raise ValueError(f"label_smoothing applies to dpo_variant='sigmoid' only, got "
                              f"dpo_variant={self.dpo_variant!r}")
-        _check_number("nll_coef", self.nll_coef, low=0.0)
-        _check_number("desirable_weight", self.desirable_weight, low=0.0, low_open=True)
-        _check_number("undesirable_weight", self.undesirable_weight, low=0.0, low_open=True)
+        check_number("nll_coef", self.nll_coef, low=0.0)
+        check_number("desirable_weight", self.desirable_weight, low=0.0, low_open=True)
+        check_number("undesirable_weight", self.undesirable_weight, low=0.0, low_open=True)
         if self.kl_max_length is not None:
-            _check_int("kl_max_length", self.kl_max_length, minimum=2)
+            check_int("kl_max_length", self.kl_max_length, minimum=2)
         for name in ("lora_rank", "batch_size", "grad_accumulation", "save_steps", "save_total_limit",
                      "logging_steps"):
-            _check_int(name, getattr(self, name), minimum=1)
+            check_int(name, getattr(self, name), minimum=1)
         for name in ("max_steps", "eval_steps"):
             if getattr(self, name) is not None:
-                _check_int(name, getattr(self, name), minimum=1)
-        _check_int("seed", self.seed, minimum=0)
-        _check_number("lora_alpha", self.lora_alpha, low=0.0, low_open=True)
-        _check_number("lora_dropout", self.lora_dropout, low=0.0, high=1.0, high_open=True)
+                check_int(name, getattr(self, name), minimum=1)
+        check_int("seed", self.seed, minimum=0)
+        check_number("lora_alpha", self.lora_alpha, low=0.0, low_open=True)
+        check_number("lora_dropout", self.lora_dropout, low=0.0, high=1.0, high_open=True)
         if self.learning_rate is not None:
-            _check_number("learning_rate", self.learning_rate, low=0.0, low_open=True)
-        _check_number("weight_decay", self.weight_decay, low=0.0)
-        _check_number("epochs", self.epochs, low=0.0, low_open=True)
-        _check_number("warmup", self.warmup, low=0.0)
+            check_number("learning_rate", self.learning_rate, low=0.0, low_open=True)
+        check_number("weight_decay", self.weight_decay, low=0.0)
+        check_number("epochs", self.epochs, low=0.0, low_open=True)
+        check_number("warmup", self.warmup, low=0.0)
         if self.warmup >= 1 and self.warmup != int(self.warmup):
             raise ValueError(f"warmup must be a fraction < 1 or a whole number of steps, got {self.warmup}")
-        _check_number("max_grad_norm", self.max_grad_norm, low=0.0)
+        check_number("max_grad_norm", self.max_grad_norm, low=0.0)
         for name in ("normalize", "gradient_checkpointing", "resume", "progress"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
@@ -265,31 +266,9 @@ class PrefTrainConfig:
         return dataclasses.asdict(self)
 
 
-def _check_choice(name: str, value: Any, options: Sequence[str]) -> None:
-    if value not in options:
-        raise ValueError(f"{name} must be one of {tuple(options)}, got {value!r}")
-
-
-def _check_int(name: str, value: Any, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}: {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-
-
-def _check_number(name: str, value: Any, *, low: float | None = None, high: float | None = None,
-                  low_open: bool = False, high_open: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise TypeError(f"{name} must be a finite number, got {value!r}")
-    if low is not None and (value < low or (low_open and value == low)):
-        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value}")
-    if high is not None and (value > high or (high_open and value == high)):
-        raise ValueError(f"{name} must be {'<' if high_open else '<='} {high}, got {value}")
-
-
 def use_bf16(precision: str) -> bool:
     """Whether training runs under bf16 autocast: "auto" = on CUDA devices that support bf16."""
-    _check_choice("precision", precision, PRECISION_OPTIONS)
+    check_choice("precision", precision, PRECISION_OPTIONS)
     if precision == "auto":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     return precision == "bf16"
