@@ -10,7 +10,7 @@ import dataclasses
 import json
 import math
 import typing
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -116,3 +116,25 @@ def check_number(name: str, value: Any, *, low: float | None = None, high: float
         raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value}")
     if high is not None and (value > high or (high_open and value == high)):
         raise ValueError(f"{name} must be {'<' if high_open else '<='} {high}, got {value}")
+
+
+def check_resumable(run_dir: Path, checkpoint: Path | None, *, resume: bool, current: Mapping[str, Any],
+                    identity_fields: Sequence[str], config_file: str = "config.yaml",
+                    what: str = "settings") -> None:
+    """Refuse to start over a run folder that holds ``checkpoint`` unless ``resume``, and refuse to resume it
+    when one of ``identity_fields`` differs between the saved ``config_file`` and ``current`` (the options
+    that define the run, e.g. data and model; ``what`` names them in the error)."""
+    if checkpoint is None:
+        return
+    if not resume:
+        raise ValueError(f"output_dir {run_dir} already holds checkpoints ({checkpoint.name}) and resume=False; "
+                         f"pass resume=True to continue that run or choose a new output_dir")
+    saved_path = Path(run_dir) / config_file
+    if not saved_path.is_file():
+        return
+    saved = yaml.safe_load(saved_path.read_text()) or {}
+    changed = [name for name in identity_fields if name in saved and saved[name] != current[name]]
+    if changed:
+        details = ", ".join(f"{name}: {saved[name]!r} -> {current[name]!r}" for name in changed)
+        raise ValueError(f"cannot resume the run in {run_dir} with different {what} ({details}); use a new "
+                         f"output_dir or restore those options")

@@ -72,7 +72,8 @@ from typing import Any
 import torch
 import yaml
 
-from lmforge.config import add_config_arguments, check_choice, check_int, check_number, config_from_args
+from lmforge.config import (add_config_arguments, check_choice, check_int, check_number, check_resumable,
+                            config_from_args)
 from lmforge.files import read_jsonl, write_text_atomic
 
 logger = logging.getLogger(__name__)
@@ -607,21 +608,8 @@ def _latest_checkpoint(checkpoints_dir: Path) -> Path | None:
 
 
 def _check_resumable(config: SFTConfig, run_dir: Path, checkpoint: Path | None) -> None:
-    if checkpoint is None:
-        return
-    if not config.resume:
-        raise ValueError(f"output_dir {run_dir} already holds checkpoints ({checkpoint.name}) and resume=False; "
-                         f"pass resume=True to continue that run or choose a new output_dir")
-    saved_path = run_dir / CONFIG_FILENAME
-    if not saved_path.is_file():
-        return
-    saved = yaml.safe_load(saved_path.read_text()) or {}
-    current = config.to_dict()
-    changed = [name for name in _RUN_IDENTITY_FIELDS if name in saved and saved[name] != current[name]]
-    if changed:
-        details = ", ".join(f"{name}: {saved[name]!r} -> {current[name]!r}" for name in changed)
-        raise ValueError(f"cannot resume the run in {run_dir} with different data/model settings ({details}); "
-                         f"use a new output_dir or restore those options")
+    check_resumable(run_dir, checkpoint, resume=config.resume, current=config.to_dict(),
+                    identity_fields=_RUN_IDENTITY_FIELDS, config_file=CONFIG_FILENAME, what="data/model settings")
 
 
 # --------------------------------------------------------------------------------------------------

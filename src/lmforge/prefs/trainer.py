@@ -79,7 +79,7 @@ import torch
 import yaml
 from torch import nn
 
-from lmforge.config import check_choice, check_int, check_number
+from lmforge.config import check_choice, check_int, check_number, check_resumable
 from lmforge.files import write_text_atomic
 from lmforge.prefs.losses import M_DPO_VARIANTS, m_dpo_loss, m_kto_loss
 from lmforge.prefs.pairs import KTOExample, PreferenceData, PreferencePair, collate_kto, collate_pairs
@@ -619,21 +619,8 @@ def _load_checkpoint(checkpoint: Path, model: nn.Module, optimizer, scheduler) -
 
 
 def _check_resumable(config: PrefTrainConfig, run_dir: Path, checkpoint: Path | None) -> None:
-    if checkpoint is None:
-        return
-    if not config.resume:
-        raise ValueError(f"output_dir {run_dir} already holds checkpoints ({checkpoint.name}) and resume=False; "
-                         f"pass resume=True to continue that run or choose a new output_dir")
-    saved_path = run_dir / CONFIG_FILENAME
-    if not saved_path.is_file():
-        return
-    saved = yaml.safe_load(saved_path.read_text()) or {}
-    current = config.to_dict()
-    changed = [name for name in _RUN_IDENTITY_FIELDS if name in saved and saved[name] != current[name]]
-    if changed:
-        details = ", ".join(f"{name}: {saved[name]!r} -> {current[name]!r}" for name in changed)
-        raise ValueError(f"cannot resume the run in {run_dir} with different training settings ({details}); use a "
-                         f"new output_dir or restore those options")
+    check_resumable(run_dir, checkpoint, resume=config.resume, current=config.to_dict(),
+                    identity_fields=_RUN_IDENTITY_FIELDS, config_file=CONFIG_FILENAME, what="training settings")
 
 
 def save_model(model: nn.Module, tokenizer: Any, folder: Path) -> Path:
