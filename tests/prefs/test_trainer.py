@@ -35,6 +35,7 @@ from lmforge.prefs.trainer import (
     preference_loss,
     step_batches,
     train_preferences,
+    two_pass_backward,
 )
 from tests.models.conftest import build_tiny_model, build_tiny_tokenizer
 
@@ -310,6 +311,56 @@ def test_gradient_checkpointing_trains_the_same_weights(tmp_path):
         torch.testing.assert_close(states[True][name], value, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize(("loss", "extra"), [("m_dpo", {"nll_coef": 0.5}), ("dpo", {"normalize": True}),
+                                           ("m_dpo", {"dpo_variant": "ipo"}), ("m_kto", {})])
+def test_chunked_and_two_pass_steps_train_the_one_pass_weights(tmp_path, loss, extra):
+    # The losses depend on the policy through per-sequence sums only: scoring the rows in chunks, or
+    # back-propagating dL/ds_i chunk by chunk after a no-grad pass, must give the one-pass gradients.
+    data = make_kto_examples(3, seed=13) if loss == "m_kto" else make_pairs(5, seed=13)
+    modes = {"one-pass": {}, "chunks-of-2": {"rows_per_forward": 2},
+             "two-pass-1": {"rows_per_forward": 1, "two_pass": True, "gradient_checkpointing": True},
+             "two-pass-3": {"rows_per_forward": 3, "two_pass": True}}
+    states, logs = {}, {}
+    for mode, options in modes.items():
+        config = quiet_config(tmp_path, name=mode, loss=loss, batch_size=3, max_steps=2, max_grad_norm=0.0,
+                              **extra, **options)
+        result = train_preferences(lora_policy(seed=13), build_tiny_tokenizer(), data, config)
+        states[mode] = trainable_state(result["model"])
+        logs[mode] = [e for e in read_metrics(tmp_path / mode) if "loss" in e]
+    initial = trainable_state(lora_policy(seed=13))
+    assert max(float((states["one-pass"][n] - initial[n]).abs().max()) for n in initial) > 1e-4
+    for mode in modes:
+        for name, value in states["one-pass"].items():
+            torch.testing.assert_close(states[mode][name], value, rtol=0, atol=2e-6, msg=f"{mode} {name}")
+        for entry, expected in zip(logs[mode], logs["one-pass"], strict=True):
+            assert entry["loss"] == pytest.approx(expected["loss"], rel=1e-6, abs=1e-7), mode
+
+
+@pytest.mark.parametrize("loss", ["m_dpo", "m_kto"])
+def test_two_pass_backward_gives_the_one_pass_gradients(loss):
+    # Adam hides a uniformly scaled gradient, so the gradients themselves are compared here.
+    config = PrefTrainConfig(loss=loss, precision="fp32", cce_impl="torch", batch_size=3, rows_per_forward=2,
+                             two_pass=True, nll_coef=0.0 if loss == "m_kto" else 0.3)
+    data = make_kto_examples(3, seed=14) if loss == "m_kto" else make_pairs(3, seed=14)
+    [batch] = prepare_batches(data, config, pad_token_id=0)[:1]
+    policy = lora_policy(seed=14)
+    reference = {"ref_logps": torch.randn(batch["input_ids"].shape[0]) * 3,
+                 "ref_kl_logps": torch.randn(batch["input_ids"].shape[0]) * 3} if loss == "m_kto" else \
+        {"ref_chosen_logps": torch.randn(3) * 3 - 20, "ref_rejected_logps": torch.randn(3) * 3 - 20}
+    batch = {**batch, **reference}
+    scorer = SequenceScorer(policy, "torch")
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    one_pass = preference_loss(scorer, batch, config)
+    (0.7 * one_pass.loss).backward()
+    expected = [p.grad.clone() for p in trainable]
+    policy.zero_grad()
+    output = two_pass_backward(scorer, batch, config, 0.7, torch.device("cpu"), False)
+    assert float(output.loss) == pytest.approx(float(one_pass.loss), rel=1e-6)
+    assert sum(float(g.abs().sum()) for g in expected) > 0
+    for parameter, gradient in zip(trainable, expected, strict=True):
+        torch.testing.assert_close(parameter.grad, gradient, rtol=1e-5, atol=1e-7)
+
+
 def test_bf16_autocast_step_is_close_to_float32(tmp_path):
     # CPU autocast stands in for the GPU's bf16 path: same code, one rounding of every matmul input.
     pairs = make_pairs(4, seed=11)
@@ -367,21 +418,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank: int, world_size: int, port: int, output_dir: str) -> None:
+def _ddp_worker(rank: int, world_size: int, port: int, output_dir: str, options: dict | None = None) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
     torch.set_num_threads(1)
     config = PrefTrainConfig(output_dir=output_dir, progress=False, warmup=0.0, precision="fp32", cce_impl="torch",
-                             learning_rate=1e-3, lora_rank=4, lora_alpha=8.0, batch_size=2, max_steps=2)
+                             learning_rate=1e-3, lora_rank=4, lora_alpha=8.0, batch_size=2, max_steps=2,
+                             **(options or {}))
     result = train_preferences(lora_policy(seed=6), build_tiny_tokenizer(), make_pairs(8, seed=6), config)
     assert result["world_size"] == world_size
 
 
-def test_two_process_gloo_ddp_matches_one_process_with_the_same_micro_batches(tmp_path):
+@pytest.mark.parametrize("options", [None, {"rows_per_forward": 1, "two_pass": True}], ids=["one-pass", "two-pass"])
+def test_two_process_gloo_ddp_matches_one_process_with_the_same_micro_batches(tmp_path, options):
     import torch.multiprocessing as mp
 
     ddp_dir = tmp_path / "ddp"
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(ddp_dir)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(ddp_dir), options), nprocs=2, join=True)
     single = quiet_config(tmp_path, name="single", batch_size=2, grad_accumulation=2, max_steps=2)
     result = train_preferences(lora_policy(seed=6), build_tiny_tokenizer(), make_pairs(8, seed=6), single)
     from safetensors.torch import load_file

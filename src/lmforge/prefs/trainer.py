@@ -137,6 +137,15 @@ class PrefTrainConfig:
             adapter) or "full" (every weight of a plain model).
         precision: "auto" (bf16 autocast on CUDA with bf16, float32 on the CPU), "bf16" or "fp32".
         gradient_checkpointing: recompute activations in the backward pass (less memory, slower).
+        rows_per_forward: score at most this many sequences per forward pass (None: all rows of a
+            micro-batch, chosen and rejected together, in one pass). With gradient checkpointing the
+            recomputed activations then follow this many sequences, while the saved layer inputs still
+            follow the micro-batch.
+        two_pass: score every sequence once without gradients, take the loss's gradient with respect to
+            each sequence's summed log-prob, then back-propagate it one chunk of ``rows_per_forward``
+            sequences at a time. Gradients are exact (the losses depend on the sequences only through
+            those sums); activation memory is that of one chunk; the cost is one extra forward pass.
+            Needs rows_per_forward. (With LoRA dropout > 0 the two passes draw different masks.)
         cce_impl: implementation of lmforge.cce used for every log-prob ("auto", "torch", "triton").
 
     Optimisation (AdamW; linear warm-up, then cosine decay to 0):
@@ -183,6 +192,8 @@ class PrefTrainConfig:
     max_grad_norm: float = 1.0
     precision: str = "auto"
     gradient_checkpointing: bool = False
+    rows_per_forward: int | None = None
+    two_pass: bool = False
     cce_impl: str = "auto"
     seed: int = 0
     output_dir: str = "runs/prefs"
@@ -219,7 +230,7 @@ class PrefTrainConfig:
         for name in ("lora_rank", "batch_size", "grad_accumulation", "save_steps", "save_total_limit",
                      "logging_steps"):
             check_int(name, getattr(self, name), minimum=1)
-        for name in ("max_steps", "eval_steps"):
+        for name in ("max_steps", "eval_steps", "rows_per_forward"):
             if getattr(self, name) is not None:
                 check_int(name, getattr(self, name), minimum=1)
         check_int("seed", self.seed, minimum=0)
@@ -233,9 +244,12 @@ class PrefTrainConfig:
         if self.warmup >= 1 and self.warmup != int(self.warmup):
             raise ValueError(f"warmup must be a fraction < 1 or a whole number of steps, got {self.warmup}")
         check_number("max_grad_norm", self.max_grad_norm, low=0.0)
-        for name in ("normalize", "gradient_checkpointing", "resume", "progress"):
+        for name in ("normalize", "gradient_checkpointing", "two_pass", "resume", "progress"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.two_pass and self.rows_per_forward is None:
+            raise ValueError("two_pass back-propagates one chunk of rows_per_forward sequences at a time: set "
+                             "rows_per_forward (1 gives the least memory)")
         if self.lora_target_modules is not None:
             if isinstance(self.lora_target_modules, str):
                 self.lora_target_modules = [self.lora_target_modules]
@@ -375,17 +389,28 @@ class SequenceScorer(nn.Module):
         return token_logprobs(self.model, input_ids, attention_mask, loss_mask, impl=self.impl).sum_logprobs
 
 
-def _score(scorer: Callable, batch: Mapping[str, torch.Tensor], prefix: str) -> torch.Tensor:
-    return scorer(batch[f"{prefix}input_ids"], batch[f"{prefix}attention_mask"], batch[f"{prefix}loss_mask"])
+def _score(scorer: Callable, batch: Mapping[str, torch.Tensor], prefix: str, rows: int | None = None
+           ) -> torch.Tensor:
+    """Summed log-probs of the ``prefix`` rows, at most ``rows`` sequences per forward pass (None: all)."""
+    tensors = [batch[f"{prefix}{key}"] for key in ("input_ids", "attention_mask", "loss_mask")]
+    total = tensors[0].shape[0]
+    if rows is None or rows >= total:
+        return scorer(*tensors)
+    return torch.cat([scorer(*(t[start:start + rows] for t in tensors)) for start in range(0, total, rows)])
 
 
-def _score_pairs(scorer: Callable, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chosen and rejected rows in one forward pass (collate_pairs pads both to one length)."""
-    rows = batch_size_of(batch)
-    both = {key: torch.cat([batch[f"chosen_{key}"], batch[f"rejected_{key}"]])
+def _pair_rows(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Chosen rows, then rejected rows, as one batch (collate_pairs pads both to one length)."""
+    return {key: torch.cat([batch[f"chosen_{key}"], batch[f"rejected_{key}"]])
             for key in ("input_ids", "attention_mask", "loss_mask")}
-    logps = _score(scorer, both, "")
-    return logps[:rows], logps[rows:]
+
+
+def _score_pairs(scorer: Callable, batch: Mapping[str, torch.Tensor], rows: int | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chosen and rejected log-probs; by default in one forward pass."""
+    logps = _score(scorer, _pair_rows(batch), "", rows)
+    pairs = batch_size_of(batch)
+    return logps[:pairs], logps[pairs:]
 
 
 @torch.no_grad()
@@ -430,29 +455,78 @@ def _autocast(device: torch.device, bf16: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
+def policy_logps(scorer: Callable, batch: Mapping[str, torch.Tensor], config: PrefTrainConfig
+                 ) -> dict[str, torch.Tensor]:
+    """The policy's summed log-probs of one micro-batch, the inputs of its loss.
+
+    DPO losses: ``chosen`` and ``rejected`` (B,), scored together. KTO losses: ``policy`` (B,) and
+    ``kl`` (B,), the mismatched KL rows, scored without gradients. ``config.rows_per_forward`` caps the
+    sequences per forward pass.
+    """
+    rows = config.rows_per_forward
+    if config.is_kto:
+        logps = {"policy": _score(scorer, batch, "", rows)}
+        with torch.no_grad():
+            logps["kl"] = _score(scorer, batch, "kl_", rows)
+        return logps
+    chosen, rejected = _score_pairs(scorer, batch, rows)
+    return {"chosen": chosen, "rejected": rejected}
+
+
+def loss_from_logps(logps: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor], config: PrefTrainConfig):
+    """``config.loss`` of a micro-batch from :func:`policy_logps` and the batch's reference log-probs."""
+    if config.is_kto:
+        return m_kto_loss(logps["policy"], batch["ref_logps"], batch["is_desirable"], logps["kl"],
+                          batch["ref_kl_logps"], beta=config.beta, desirable_weight=config.desirable_weight,
+                          undesirable_weight=config.undesirable_weight)
+    counts = {}
+    if config.normalize or config.nll_coef > 0:
+        counts = {"chosen_token_counts": batch["chosen_loss_mask"].sum(-1),
+                  "rejected_token_counts": batch["rejected_loss_mask"].sum(-1)}
+    return m_dpo_loss(logps["chosen"], logps["rejected"], batch["ref_chosen_logps"], batch["ref_rejected_logps"],
+                      beta=config.beta, variant=config.dpo_variant, label_smoothing=config.label_smoothing,
+                      nll_coef=config.nll_coef, normalize=config.normalize, **counts)
+
+
 def preference_loss(scorer: Callable, batch: Mapping[str, torch.Tensor], config: PrefTrainConfig):
     """The loss of one micro-batch holding its reference log-probs; returns the loss output.
 
     ``scorer(input_ids, attention_mask, loss_mask) -> (B,) summed log-probs`` is a
     :class:`SequenceScorer` (possibly DDP-wrapped). DPO losses score chosen and rejected rows in one
-    forward pass and return :class:`lmforge.prefs.losses.MDPOOutput`; KTO losses score the KL rows
-    without gradients and return :class:`~lmforge.prefs.losses.MKTOOutput`.
+    forward pass (or chunks of ``config.rows_per_forward``) and return
+    :class:`lmforge.prefs.losses.MDPOOutput`; KTO losses score the KL rows without gradients and return
+    :class:`~lmforge.prefs.losses.MKTOOutput`.
     """
+    return loss_from_logps(policy_logps(scorer, batch, config), batch, config)
+
+
+def two_pass_backward(scorer: Callable, batch: Mapping[str, torch.Tensor], config: PrefTrainConfig,
+                      weight: float, device: torch.device, bf16: bool):
+    """Back-propagate ``weight`` x the micro-batch's loss in two passes; returns the loss output.
+
+    Every loss here depends on the policy only through per-sequence sums s_i of log-probs, so
+    dL/dtheta = sum_i (dL/ds_i) ds_i/dtheta. Pass 1 scores all sequences without gradients and takes
+    g_i = dL/ds_i through the loss on detached leaves; pass 2 re-scores ``config.rows_per_forward``
+    sequences at a time and back-propagates sum_i g_i s_i over each chunk, freeing its activations
+    before the next. The gradients equal the one-pass ones up to float rounding.
+    """
+    with torch.no_grad(), _autocast(device, bf16):
+        scored = policy_logps(scorer, batch, config)
+    trained = ("policy",) if config.is_kto else ("chosen", "rejected")
+    leaves = {key: value.detach().requires_grad_(key in trained) for key, value in scored.items()}
+    output = loss_from_logps(leaves, batch, config)
+    (output.loss * weight).backward()
     if config.is_kto:
-        policy_logps = _score(scorer, batch, "")
-        with torch.no_grad():
-            kl_policy_logps = _score(scorer, batch, "kl_")
-        return m_kto_loss(policy_logps, batch["ref_logps"], batch["is_desirable"], kl_policy_logps,
-                          batch["ref_kl_logps"], beta=config.beta, desirable_weight=config.desirable_weight,
-                          undesirable_weight=config.undesirable_weight)
-    chosen, rejected = _score_pairs(scorer, batch)
-    counts = {}
-    if config.normalize or config.nll_coef > 0:
-        counts = {"chosen_token_counts": batch["chosen_loss_mask"].sum(-1),
-                  "rejected_token_counts": batch["rejected_loss_mask"].sum(-1)}
-    return m_dpo_loss(chosen, rejected, batch["ref_chosen_logps"], batch["ref_rejected_logps"], beta=config.beta,
-                      variant=config.dpo_variant, label_smoothing=config.label_smoothing, nll_coef=config.nll_coef,
-                      normalize=config.normalize, **counts)
+        rows, weights = batch, leaves["policy"].grad
+    else:
+        rows, weights = _pair_rows(batch), torch.cat([leaves["chosen"].grad, leaves["rejected"].grad])
+    chunk = config.rows_per_forward
+    for start in range(0, weights.shape[0], chunk):
+        part = {key: rows[key][start:start + chunk] for key in ("input_ids", "attention_mask", "loss_mask")}
+        with _autocast(device, bf16):
+            logps = _score(scorer, part, "")
+        (logps * weights[start:start + chunk].to(logps.dtype)).sum().backward()
+    return output
 
 
 def _example_statistics(output: Any, config: PrefTrainConfig) -> dict[str, torch.Tensor]:
@@ -695,7 +769,7 @@ def train_preferences(model: nn.Module, tokenizer: Any, data: PreferenceData | S
         the paths ``run_dir``, ``final_dir``, ``best_dir`` (None without eval), ``metrics_path``,
         ``report_path``, ``plot_path``, ``reference_path``.
     """
-    from accelerate.utils import set_seed
+    from accelerate.utils import DistributedType, set_seed
     from tqdm.auto import tqdm
 
     if not isinstance(config, PrefTrainConfig):
@@ -738,6 +812,13 @@ def train_preferences(model: nn.Module, tokenizer: Any, data: PreferenceData | S
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: learning_rate_factor(step, total_steps, warmup_steps))
     scorer = accelerator.prepare(SequenceScorer(model, config.cce_impl))
+    # Several forward passes per backward (rows_per_forward) or several backward passes per micro-batch
+    # (two_pass) do not fit DDP's one-forward-one-backward hooks: such steps run under no_sync and the
+    # gradients are averaged once at the end of the step.
+    manual_sync = world_size > 1 and config.rows_per_forward is not None
+    if manual_sync and accelerator.distributed_type not in (DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
+        raise ValueError(f"rows_per_forward and two_pass run on one process or under DDP, not "
+                         f"{accelerator.distributed_type.value}")
 
     state = {"step": 0, "log_history": [], "best": None, "last_eval": None, "evaluated_step": None}
     if checkpoint is not None:
@@ -784,13 +865,18 @@ def train_preferences(model: nn.Module, tokenizer: Any, data: PreferenceData | S
                 # DDP averages gradients over processes, so each process's share is scaled by world_size.
                 weight = batch_size_of(batch) * world_size / step_items
                 last = position == len(mine[rank]) - 1
-                with (contextlib.nullcontext() if last else accelerator.no_sync(scorer)):
-                    with _autocast(device, bf16):
-                        output = preference_loss(scorer, batch, config)
-                    accelerator.backward(output.loss * weight)
+                with (contextlib.nullcontext() if last and not manual_sync else accelerator.no_sync(scorer)):
+                    if config.two_pass:
+                        output = two_pass_backward(scorer, batch, config, weight, device, bf16)
+                    else:
+                        with _autocast(device, bf16):
+                            output = preference_loss(scorer, batch, config)
+                        accelerator.backward(output.loss * weight)
                 weighted_loss += output.loss.detach().float() * weight / world_size
                 for key, value in _example_statistics(output, config).items():
                     statistics.setdefault(key, []).append(value.float())
+            if manual_sync:
+                _average_gradients(trainable, world_size)
             grad_norm = accelerator.clip_grad_norm_(trainable, config.max_grad_norm) \
                 if config.max_grad_norm > 0 else None
             learning_rate = scheduler.get_last_lr()[0]
@@ -862,6 +948,17 @@ def train_preferences(model: nn.Module, tokenizer: Any, data: PreferenceData | S
         plot_curves(history, run_dir / PLOT_FILENAME, title=f"{config.loss} training")
         write_text_atomic(run_dir / REPORT_FILENAME, _report(config, result, data))
     return result
+
+
+def _average_gradients(parameters: Sequence[nn.Parameter], world_size: int) -> None:
+    """All-reduce the mean of every gradient over the processes (what DDP does in its backward hooks)."""
+    import torch.distributed as dist
+
+    for parameter in parameters:
+        if parameter.grad is None:
+            parameter.grad = torch.zeros_like(parameter)
+        dist.all_reduce(parameter.grad)
+        parameter.grad.div_(world_size)
 
 
 def _accelerator(bf16: bool):
