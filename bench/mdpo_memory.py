@@ -15,6 +15,9 @@ the same seed, one after another in this process:
     lmforge_two_pass  rows_per_forward=1 and two_pass=True: a no-grad scoring pass, then one forward +
                       backward per sequence weighted by dL/d(log-prob): activation memory of one sequence,
                       one extra forward pass
+    lmforge_compiled, lmforge_two_pass_compiled
+                      the same with compile_layers=True (torch.compile of every decoder layer; compiled in
+                      the warm-up step)
     trl               trl.DPOTrainer defaults for a PEFT model: the reference log-probs come from the same
                       model with the adapter disabled, inside every step
     trl_precomputed   trl.DPOTrainer with precompute_ref_log_probs=True (reference pass before training)
@@ -82,9 +85,12 @@ TINY_SIZES = dict(
     sliding_window=64,
     max_position_embeddings=256,
 )
-CONTENDERS = ("lmforge", "lmforge_rows1", "lmforge_two_pass", "trl", "trl_precomputed", "trl_liger")
+CONTENDERS = ("lmforge", "lmforge_rows1", "lmforge_two_pass", "lmforge_compiled", "lmforge_two_pass_compiled", "trl",
+              "trl_precomputed", "trl_liger")
 LMFORGE_OPTIONS = {"lmforge": {}, "lmforge_rows1": {"rows_per_forward": 1},
-                   "lmforge_two_pass": {"rows_per_forward": 1, "two_pass": True}}
+                   "lmforge_two_pass": {"rows_per_forward": 1, "two_pass": True},
+                   "lmforge_compiled": {"compile_layers": True},
+                   "lmforge_two_pass_compiled": {"rows_per_forward": 1, "two_pass": True, "compile_layers": True}}
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>")  # ids 0, 1, 2; then one token per byte (id = byte + 3)
 BETA = 0.1
 LEARNING_RATE = 1e-4
@@ -237,8 +243,8 @@ def summarise_steps(steps: list[dict], warmup: int) -> dict:
 
 
 def run_lmforge(args, sizes, device, tokenizer, texts, workdir: Path, name: str = "lmforge") -> dict:
-    from lmforge.prefs.trainer import PrefTrainConfig, compute_reference_logps, prepare_batches, prepare_model, \
-        train_preferences
+    from lmforge.prefs.trainer import PrefTrainConfig, compile_decoder_layers, compute_reference_logps, \
+        prepare_batches, prepare_model, train_preferences
 
     pairs = lmforge_pairs(texts, tokenizer)
     config = PrefTrainConfig(
@@ -248,6 +254,8 @@ def run_lmforge(args, sizes, device, tokenizer, texts, workdir: Path, name: str 
         seed=args.seed, output_dir=str(workdir / name), save_steps=10**6, progress=False, cce_impl=args.cce_impl,
         **LMFORGE_OPTIONS[name])
     policy = prepare_model(build_model(sizes, device, args.seed), config)
+    if config.compile_layers:  # the reference log-probs then come from the same kernels as the policy's
+        compile_decoder_layers(policy)
     batches = prepare_batches(pairs, config, tokenizer.pad_token_id)
     synchronize(device)
     started = time.perf_counter()

@@ -336,6 +336,21 @@ def test_chunked_and_two_pass_steps_train_the_one_pass_weights(tmp_path, loss, e
             assert entry["loss"] == pytest.approx(expected["loss"], rel=1e-6, abs=1e-7), mode
 
 
+def test_compiled_layers_train_the_eager_weights(tmp_path):
+    # torch.compile of the decoder layers (inductor on the CPU) under checkpointing and two_pass must
+    # change the speed, not the numbers.
+    data, states = make_pairs(4, seed=15), {}
+    for name, options in {"eager": {}, "compiled": {"compile_layers": True, "rows_per_forward": 1, "two_pass": True,
+                                                    "gradient_checkpointing": True}}.items():
+        config = quiet_config(tmp_path, name=name, batch_size=2, max_steps=2, **options)
+        result = train_preferences(lora_policy(seed=15), build_tiny_tokenizer(), data, config)
+        compiled = [m for m in result["model"].modules() if getattr(m, "_compiled_call_impl", None) is not None]
+        assert len(compiled) == (2 if name == "compiled" else 0)  # the tiny Llama's two decoder layers
+        states[name] = trainable_state(result["model"])
+    for key, value in states["eager"].items():
+        torch.testing.assert_close(states["compiled"][key], value, rtol=0, atol=2e-6)
+
+
 @pytest.mark.parametrize("loss", ["m_dpo", "m_kto"])
 def test_two_pass_backward_gives_the_one_pass_gradients(loss):
     # Adam hides a uniformly scaled gradient, so the gradients themselves are compared here.

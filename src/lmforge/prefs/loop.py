@@ -87,7 +87,8 @@ class MDPOLoopConfig:
     "kto"), ``beta``, ``dpo_variant``, ``label_smoothing``, ``nll_coef``, ``normalize``,
     ``desirable_weight``, ``undesirable_weight``, ``reference`` ("previous" or "initial"), ``lora_*``,
     ``learning_rate``, ``epochs``, ``max_steps`` (per iteration), ``batch_size``, ``grad_accumulation``,
-    ``warmup``, ``precision``, ``gradient_checkpointing``, ``cce_impl``, ``save_steps``;
+    ``warmup``, ``precision``, ``gradient_checkpointing``, ``rows_per_forward``, ``two_pass``,
+    ``compile_layers``, ``cce_impl``, ``save_steps``;
     ``train_eval_problems`` > 0 evaluates greedy accuracy on that many validation-split problems every
     ``train_eval_steps`` steps and keeps the best checkpoint in ``train/best/`` (the next policy is
     still the final one).
@@ -144,6 +145,9 @@ class MDPOLoopConfig:
     warmup: float = 0.1
     precision: str = "auto"
     gradient_checkpointing: bool = False
+    rows_per_forward: int | None = None
+    two_pass: bool = False
+    compile_layers: bool = False
     cce_impl: str = "auto"
     save_steps: int = 50
     train_eval_problems: int = 0
@@ -224,8 +228,9 @@ class MDPOLoopConfig:
             lora_rank=self.lora_rank, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
             learning_rate=self.learning_rate, epochs=self.epochs, max_steps=self.max_steps,
             batch_size=self.batch_size, grad_accumulation=self.grad_accumulation, warmup=self.warmup,
-            precision=self.precision, gradient_checkpointing=self.gradient_checkpointing, cce_impl=self.cce_impl,
-            seed=self.seed, output_dir=str(output_dir), save_steps=self.save_steps,
+            precision=self.precision, gradient_checkpointing=self.gradient_checkpointing,
+            rows_per_forward=self.rows_per_forward, two_pass=self.two_pass, compile_layers=self.compile_layers,
+            cce_impl=self.cce_impl, seed=self.seed, output_dir=str(output_dir), save_steps=self.save_steps,
             eval_steps=self.train_eval_steps, progress=self.progress)
 
     def to_dict(self) -> dict[str, Any]:
@@ -433,7 +438,8 @@ def _nothing_to_train(config: MDPOLoopConfig, data: Any) -> str | None:
 
 
 def _training_stage(config: MDPOLoopConfig, t: int, adapter: str | None, folder: Path) -> dict:
-    from lmforge.prefs.trainer import compute_reference_logps, make_agent_eval, prepare_batches, train_preferences
+    from lmforge.prefs.trainer import compile_decoder_layers, compute_reference_logps, make_agent_eval, \
+        prepare_batches, train_preferences
 
     data = _read_preference_data(folder)
     reason = _nothing_to_train(config, data)
@@ -450,6 +456,8 @@ def _training_stage(config: MDPOLoopConfig, t: int, adapter: str | None, folder:
             initial, tokenizer = _load_policy(config, config.init_adapter, trainable=False)
             train_config = config.train_config(train_dir)
             batches = prepare_batches(data, train_config, _pad_id(tokenizer))
+            if config.compile_layers:  # the same kernels as the policy that is trained against these
+                compile_decoder_layers(initial)
             reference_logps = compute_reference_logps(initial, batches, train_config, progress=config.progress)
             del initial
             _release_memory()

@@ -146,6 +146,11 @@ class PrefTrainConfig:
             sequences at a time. Gradients are exact (the losses depend on the sequences only through
             those sums); activation memory is that of one chunk; the cost is one extra forward pass.
             Needs rows_per_forward. (With LoRA dropout > 0 the two passes draw different masks.)
+        compile_layers: ``torch.compile`` every decoder layer (the classes the model lists in
+            ``_no_split_modules``; the CCE head stays as it is). Inductor fuses the layers' elementwise
+            work (norms, softcapping, GeGLU, LoRA), which cuts kernel launches (what bounds small
+            ``rows_per_forward`` passes) and the activations a layer keeps. The first steps pay the
+            compilation (a graph per layer kind, with and without gradients).
         cce_impl: implementation of lmforge.cce used for every log-prob ("auto", "torch", "triton").
 
     Optimisation (AdamW; linear warm-up, then cosine decay to 0):
@@ -194,6 +199,7 @@ class PrefTrainConfig:
     gradient_checkpointing: bool = False
     rows_per_forward: int | None = None
     two_pass: bool = False
+    compile_layers: bool = False
     cce_impl: str = "auto"
     seed: int = 0
     output_dir: str = "runs/prefs"
@@ -244,7 +250,7 @@ class PrefTrainConfig:
         if self.warmup >= 1 and self.warmup != int(self.warmup):
             raise ValueError(f"warmup must be a fraction < 1 or a whole number of steps, got {self.warmup}")
         check_number("max_grad_norm", self.max_grad_norm, low=0.0)
-        for name in ("normalize", "gradient_checkpointing", "two_pass", "resume", "progress"):
+        for name in ("normalize", "gradient_checkpointing", "two_pass", "compile_layers", "resume", "progress"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.two_pass and self.rows_per_forward is None:
@@ -589,6 +595,24 @@ def _enable_checkpointing(model: nn.Module) -> None:
         causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
+def compile_decoder_layers(model: nn.Module) -> int:
+    """``torch.compile`` each decoder layer of a transformers (or PEFT-wrapped) model in place; returns
+    how many were compiled. The layers are the modules whose class the model names in
+    ``_no_split_modules`` (what accelerate and FSDP treat as blocks). Layers compiled already are left
+    as they are, so a caller may compile before computing reference log-probs with the same kernels."""
+    from lmforge.cce.patch import unwrap_causal_lm
+
+    block_names = set(getattr(unwrap_causal_lm(model), "_no_split_modules", None) or ())
+    layers = [module for module in model.modules() if type(module).__name__ in block_names]
+    if not layers:
+        raise ValueError(f"compile_layers: {type(unwrap_causal_lm(model)).__name__} names no decoder layer class "
+                         f"in _no_split_modules")
+    for layer in layers:
+        if getattr(layer, "_compiled_call_impl", None) is None:
+            layer.compile()
+    return len(layers)
+
+
 def _trainable_named_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(name, parameter) for name, parameter in model.named_parameters() if parameter.requires_grad]
 
@@ -798,6 +822,8 @@ def train_preferences(model: nn.Module, tokenizer: Any, data: PreferenceData | S
     if config.gradient_checkpointing:
         _enable_checkpointing(model)
     model.to(device)
+    if config.compile_layers:
+        compile_decoder_layers(model)
 
     reference_logps = _reference_for_run(model, batches, config, reference_logps, run_dir, accelerator)
     batches = [{**batch, **reference} for batch, reference in zip(batches, reference_logps)]
