@@ -241,6 +241,27 @@ def test_gemm_matches_chunked_torch_at_gpu_scale():
         assert rel_err(b, a) < 1e-2
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("impl", ["triton", "gemm"])
+def test_kernels_run_on_the_inputs_gpu_not_the_current_one(impl):
+    # Inputs on cuda:1 while cuda:0 is current (a pool worker, a second model): Triton launches on the
+    # current device, so without a device guard the kernels read cuda:1's memory from cuda:0.
+    n, d, v = 512, 128, 4000
+    g = torch.Generator().manual_seed(1)
+    e, c = torch.randn(n, d, generator=g), torch.randn(v, d, generator=g) / d ** 0.5
+    t = torch.randint(0, v, (n,), generator=g)
+    results = {}
+    for device in ("cuda:0", "cuda:1"):
+        torch.cuda.set_device(0)
+        ee = e.to(device, torch.bfloat16).requires_grad_()
+        cc = c.to(device, torch.bfloat16).requires_grad_()
+        loss = linear_cross_entropy(ee, cc, t.to(device), impl=impl)
+        loss.backward()
+        results[device] = [x.detach().cpu().float() for x in (loss, ee.grad, cc.grad)]
+    for a, b in zip(results["cuda:0"], results["cuda:1"]):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+
 def peaked_inputs(dtype, seed=0, v=V):
     """Hidden states aligned with their target's classifier row: a sharp softmax, like a trained LM."""
     g = torch.Generator().manual_seed(seed)

@@ -6,6 +6,8 @@ logits tile by tile. Both backends share the contract documented in :mod:`lmforg
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from lmforge.cce import chunked, gemm_impl, triton_impl
@@ -16,6 +18,13 @@ def _like_stats(g, stats):
     return None if g is None else g.to(stats.dtype).contiguous()
 
 
+def on_device_of(tensor: torch.Tensor):
+    """Make ``tensor``'s GPU the current one while kernels run: Triton launches on the current device, so
+    inputs on cuda:1 while cuda:0 is current (a worker of a multi-GPU pool, a user's second model) would
+    otherwise run on the wrong GPU and read another device's memory."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
 class LinearStats(torch.autograd.Function):
     """(e, c, bias, targets) -> (lse, target_logit, sum_logit, mean_logit), each (N,) float32
 
@@ -24,7 +33,7 @@ class LinearStats(torch.autograd.Function):
     @staticmethod
     def forward(ctx, e, c, bias, targets, softcap, need_sum, need_mu, filter_eps, impl):
         # Autocast would recast the recomputed logits; the backends choose their own precisions.
-        with torch.autocast(e.device.type, enabled=False):
+        with torch.autocast(e.device.type, enabled=False), on_device_of(e):
             return LinearStats._forward(ctx, e, c, bias, targets, softcap, need_sum, need_mu, filter_eps, impl)
 
     @staticmethod
@@ -53,7 +62,7 @@ class LinearStats(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_lse, g_tgt, g_sum, g_mu):
-        with torch.autocast(ctx.saved_tensors[0].device.type, enabled=False):
+        with torch.autocast(ctx.saved_tensors[0].device.type, enabled=False), on_device_of(ctx.saved_tensors[0]):
             return LinearStats._backward(ctx, g_lse, g_tgt, g_sum, g_mu)
 
     @staticmethod

@@ -675,18 +675,43 @@ def _checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(_CHECKPOINT_PREFIX):]))
 
 
-def _save_checkpoint(run_dir: Path, model: nn.Module, optimizer, scheduler, state: dict, keep: int) -> Path:
+def _full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's whole value (an all-gather: every rank must call it), any other tensor as it is."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def _full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What :func:`save_model` writes, FSDP2 shards gathered, on the CPU (a collective under FSDP): a PEFT
+    model's trainable (adapter) weights, or a plain model's whole state dict."""
+    if _is_peft(model):
+        return {name: _full_tensor(p.detach()).cpu() for name, p in _trainable_named_parameters(model)}
+    return {name: _full_tensor(value).detach().cpu() for name, value in model.state_dict().items()}
+
+
+def _save_checkpoint(run_dir: Path, model: nn.Module, optimizer, scheduler, state: dict, keep: int, *,
+                     sharded_root: nn.Module | None = None, write: bool = True) -> Path:
+    """Write checkpoints/step-N. With ``sharded_root`` (the FSDP2-prepared module) every rank must call it:
+    trainable weights and optimizer state are gathered whole, and only ``write`` ranks write them."""
     from safetensors.torch import save_file
 
     from lmforge.models.loading import write_directory_atomically
 
+    tensors = {name: _full_tensor(p.detach()).cpu().contiguous() for name, p in _trainable_named_parameters(model)}
+    if sharded_root is None:
+        optimizer_state = optimizer.state_dict()
+    else:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        optimizer_state = get_optimizer_state_dict(sharded_root, getattr(optimizer, "optimizer", optimizer),
+                                                   options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     target = run_dir / CHECKPOINTS_DIRNAME / f"{_CHECKPOINT_PREFIX}{state['step']:06d}"
+    if not write:
+        return target
     with write_directory_atomically(target, overwrite=True) as staging:
-        tensors = {name: p.detach().cpu().contiguous() for name, p in _trainable_named_parameters(model)}
         save_file(tensors, str(staging / _TRAINABLE_FILENAME))
         rng = {"python": random.getstate(), "torch": torch.get_rng_state(),
                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng},
+        torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": rng},
                    staging / _OPTIMIZER_FILENAME)
         (staging / _STATE_FILENAME).write_text(json.dumps(state))
     for old in _checkpoints(run_dir)[:-keep]:
@@ -694,7 +719,8 @@ def _save_checkpoint(run_dir: Path, model: nn.Module, optimizer, scheduler, stat
     return target
 
 
-def _load_checkpoint(checkpoint: Path, model: nn.Module, optimizer, scheduler) -> dict:
+def _load_checkpoint(checkpoint: Path, model: nn.Module, optimizer, scheduler, *,
+                     sharded_root: nn.Module | None = None) -> dict:
     from safetensors.torch import load_file
 
     tensors = load_file(str(checkpoint / _TRAINABLE_FILENAME))
@@ -705,9 +731,21 @@ def _load_checkpoint(checkpoint: Path, model: nn.Module, optimizer, scheduler) -
                          f"{missing[:3]}, unexpected {extra[:3]}); was it made with another model or finetune?")
     with torch.no_grad():
         for name, parameter in parameters.items():
-            parameter.copy_(tensors[name].to(parameter.device, parameter.dtype))
+            value = tensors[name]
+            if hasattr(parameter, "device_mesh"):  # an FSDP2 shard: this rank's part of the whole value
+                from torch.distributed.tensor import distribute_tensor
+
+                value = distribute_tensor(value.to(parameter.device, parameter.dtype), parameter.device_mesh,
+                                          parameter.placements)
+            parameter.copy_(value.to(parameter.device, parameter.dtype))
     bundle = torch.load(checkpoint / _OPTIMIZER_FILENAME, map_location="cpu", weights_only=False)
-    optimizer.load_state_dict(bundle["optimizer"])
+    if sharded_root is None:
+        optimizer.load_state_dict(bundle["optimizer"])
+    else:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(sharded_root, getattr(optimizer, "optimizer", optimizer), bundle["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
     scheduler.load_state_dict(bundle["scheduler"])
     random.setstate(bundle["rng"]["python"])
     torch.set_rng_state(bundle["rng"]["torch"])
@@ -721,13 +759,15 @@ def _check_resumable(config: PrefTrainConfig, run_dir: Path, checkpoint: Path | 
                     identity_fields=_RUN_IDENTITY_FIELDS, config_file=CONFIG_FILENAME, what="training settings")
 
 
-def save_model(model: nn.Module, tokenizer: Any, folder: Path) -> Path:
+def save_model(model: nn.Module, tokenizer: Any, folder: Path, *, state_dict: dict | None = None) -> Path:
     """Save the policy atomically: a PEFT adapter folder for a PEFT model, a model folder otherwise, with
-    the tokenizer."""
+    the tokenizer. ``state_dict``: the weights to write (e.g. gathered from FSDP shards) instead of the
+    model's own."""
     from lmforge.models.loading import write_directory_atomically
 
     with write_directory_atomically(folder, overwrite=True) as staging:
-        model.save_pretrained(staging, safe_serialization=True)
+        extra = {} if state_dict is None else {"state_dict": state_dict}
+        model.save_pretrained(staging, safe_serialization=True, **extra)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
     return folder
@@ -837,7 +877,16 @@ def train_preferences(model: nn.Module, tokenizer: Any, data: PreferenceData | S
     optimizer = torch.optim.AdamW(trainable, lr=config.resolved_learning_rate, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: learning_rate_factor(step, total_steps, warmup_steps))
-    scorer = accelerator.prepare(SequenceScorer(model, config.cce_impl))
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    if fsdp:
+        if eval_fn is not None:
+            raise ValueError("eval_fn under FSDP: generation needs every rank's shards, but evaluation runs on the "
+                             "main process; evaluate the saved adapter after training instead")
+        # FSDP2 replaces the parameters by sharded ones; accelerate re-points the optimizer at them.
+        scorer, optimizer = accelerator.prepare(SequenceScorer(model, config.cce_impl), optimizer)
+        trainable = [p for _, p in _trainable_named_parameters(model)]
+    else:
+        scorer = accelerator.prepare(SequenceScorer(model, config.cce_impl))
     # Several forward passes per backward (rows_per_forward) or several backward passes per micro-batch
     # (two_pass) do not fit DDP's one-forward-one-backward hooks: such steps run under no_sync and the
     # gradients are averaged once at the end of the step.
@@ -848,7 +897,7 @@ def train_preferences(model: nn.Module, tokenizer: Any, data: PreferenceData | S
 
     state = {"step": 0, "log_history": [], "best": None, "last_eval": None, "evaluated_step": None}
     if checkpoint is not None:
-        state = _load_checkpoint(checkpoint, model, optimizer, scheduler)
+        state = _load_checkpoint(checkpoint, model, optimizer, scheduler, sharded_root=scorer if fsdp else None)
         logger.info("resuming from %s (step %d of %d)", checkpoint, state["step"], total_steps)
     metrics_path = run_dir / METRICS_FILENAME
     if is_main:
@@ -928,8 +977,9 @@ def train_preferences(model: nn.Module, tokenizer: Any, data: PreferenceData | S
                                         or state["step"] == total_steps):
                 evaluate(state["step"])
             if state["step"] % config.save_steps == 0 or state["step"] == total_steps:
-                if is_main:
-                    _save_checkpoint(run_dir, model, optimizer, scheduler, state, config.save_total_limit)
+                if is_main or fsdp:  # under FSDP every rank takes part in gathering the shards
+                    _save_checkpoint(run_dir, model, optimizer, scheduler, state, config.save_total_limit,
+                                     sharded_root=scorer if fsdp else None, write=is_main)
                 accelerator.wait_for_everyone()
             bar.update(1)
     finally:
@@ -938,7 +988,11 @@ def train_preferences(model: nn.Module, tokenizer: Any, data: PreferenceData | S
     if eval_fn is not None and state.get("evaluated_step") != state["step"]:
         evaluate(state["step"])  # e.g. a finished run resumed with an eval_fn it did not have before
     final_dir = run_dir / FINAL_DIRNAME
-    if is_main:
+    if fsdp:
+        full_state = _full_state_dict(model)  # collective; the full tensors land on the main process
+        if is_main:
+            save_model(model, tokenizer, final_dir, state_dict=full_state)
+    elif is_main:
         save_model(model, tokenizer, final_dir)
     accelerator.wait_for_everyone()
     history = state["log_history"]
@@ -1078,7 +1132,7 @@ def _step_metrics(accelerator, weighted_loss: torch.Tensor, statistics: Mapping[
     loss = accelerator.reduce(weighted_loss, reduction="sum") if accelerator.num_processes > 1 else weighted_loss
     metrics = {"loss": float(loss), "learning_rate": float(learning_rate)}
     if grad_norm is not None:
-        metrics["grad_norm"] = float(grad_norm)
+        metrics["grad_norm"] = float(_full_tensor(grad_norm))
     for key, values in statistics.items():
         local = torch.cat(values)
         if accelerator.num_processes > 1:
