@@ -422,13 +422,14 @@ def _score_pairs(scorer: Callable, batch: Mapping[str, torch.Tensor], rows: int 
 @torch.no_grad()
 def compute_reference_logps(model: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]], config: PrefTrainConfig,
                             *, disable_adapter: bool = False, device: torch.device | str | None = None,
-                            progress: bool = False) -> list[dict[str, torch.Tensor]]:
+                            progress: bool = False, scorer: Callable | None = None) -> list[dict[str, torch.Tensor]]:
     """Reference log-probs of every micro-batch under ``model`` (no gradients, eval mode, float32 results).
 
     Returns one dict per batch: ``ref_chosen_logps`` and ``ref_rejected_logps`` (DPO losses), or
     ``ref_logps`` and ``ref_kl_logps`` (KTO), each (B,) on the CPU. ``disable_adapter`` scores the
     PEFT model's base (adapter switched off). Runs under bf16 autocast when ``config.precision`` says so,
-    exactly as the policy is scored in training. ``device`` defaults to the model's.
+    exactly as the policy is scored in training. ``device`` defaults to the model's. ``scorer``: score
+    through this module (e.g. the FSDP-wrapped :class:`SequenceScorer` of ``model``) instead of a new one.
     """
     from tqdm.auto import tqdm
 
@@ -437,7 +438,7 @@ def compute_reference_logps(model: nn.Module, batches: Sequence[Mapping[str, tor
     if disable_adapter and not hasattr(model, "disable_adapter"):
         raise TypeError(f"disable_adapter=True needs a PEFT model, got {type(model).__name__}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    scorer = SequenceScorer(model, config.cce_impl)
+    scorer = scorer if scorer is not None else SequenceScorer(model, config.cce_impl)
     was_training = model.training
     model.eval()
     results = []
@@ -865,12 +866,6 @@ def train_preferences(model: nn.Module, tokenizer: Any, data: PreferenceData | S
     if config.compile_layers:
         compile_decoder_layers(model)
 
-    reference_logps = _reference_for_run(model, batches, config, reference_logps, run_dir, accelerator)
-    batches = [{**batch, **reference} for batch, reference in zip(batches, reference_logps)]
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(run_dir / CONFIG_FILENAME, yaml.safe_dump(config.to_dict(), sort_keys=False))
-
     total_steps = planned_steps(config, len(batches), world_size)
     warmup_steps = warmup_steps_of(config, total_steps)
     trainable = [p for _, p in _trainable_named_parameters(model)]
@@ -887,6 +882,14 @@ def train_preferences(model: nn.Module, tokenizer: Any, data: PreferenceData | S
         trainable = [p for _, p in _trainable_named_parameters(model)]
     else:
         scorer = accelerator.prepare(SequenceScorer(model, config.cce_impl))
+    # Under FSDP the reference is scored through the sharded policy, with the numerics it trains with
+    # (its mixed-precision policy): step-0 rewards are then exactly 0 there too.
+    reference_logps = _reference_for_run(model, batches, config, reference_logps, run_dir, accelerator,
+                                         sharded_scorer=scorer if fsdp else None)
+    batches = [{**batch, **reference} for batch, reference in zip(batches, reference_logps)]
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(run_dir / CONFIG_FILENAME, yaml.safe_dump(config.to_dict(), sort_keys=False))
     # Several forward passes per backward (rows_per_forward) or several backward passes per micro-batch
     # (two_pass) do not fit DDP's one-forward-one-backward hooks: such steps run under no_sync and the
     # gradients are averaged once at the end of the step.
@@ -1061,9 +1064,11 @@ def _accelerator(bf16: bool):
     return Accelerator(mixed_precision=wanted, cpu=not torch.cuda.is_available())
 
 
-def _reference_for_run(model, batches, config, given, run_dir: Path, accelerator) -> list[dict[str, torch.Tensor]]:
+def _reference_for_run(model, batches, config, given, run_dir: Path, accelerator, *,
+                       sharded_scorer: nn.Module | None = None) -> list[dict[str, torch.Tensor]]:
     """Reference log-probs of the run's batches: read back from the run folder (a resumed run), taken
-    from the caller, or computed now (each process scores a share; the shares are exchanged)."""
+    from the caller, or computed now (each process scores a share; the shares are exchanged). With
+    ``sharded_scorer`` (FSDP) every process scores every batch through it, in step with the others."""
     from accelerate.utils import gather_object
 
     path = run_dir / REFERENCE_FILENAME
@@ -1089,6 +1094,11 @@ def _reference_for_run(model, batches, config, given, run_dir: Path, accelerator
             raise ValueError(f"{path} holds reference log-probs of other data (its fingerprint differs); the run "
                              f"folder belongs to another run: choose a new output_dir")
         return stored["values"]
+    elif sharded_scorer is not None:
+        reference = compute_reference_logps(model, batches, config, disable_adapter=config.reference == "base",
+                                            device=accelerator.device, scorer=sharded_scorer,
+                                            progress=config.progress and accelerator.is_main_process)
+        source = config.reference
     else:
         share = list(range(accelerator.process_index, len(batches), accelerator.num_processes))
         values = compute_reference_logps(model, [batches[i] for i in share], config,
