@@ -877,6 +877,7 @@ def train_preferences(model: nn.Module, tokenizer: Any, data: PreferenceData | S
         if eval_fn is not None:
             raise ValueError("eval_fn under FSDP: generation needs every rank's shards, but evaluation runs on the "
                              "main process; evaluate the saved adapter after training instead")
+        _keep_fsdp_outputs_in_float32(accelerator)
         # FSDP2 replaces the parameters by sharded ones; accelerate re-points the optimizer at them.
         scorer, optimizer = accelerator.prepare(SequenceScorer(model, config.cce_impl), optimizer)
         trainable = [p for _, p in _trainable_named_parameters(model)]
@@ -1031,6 +1032,22 @@ def train_preferences(model: nn.Module, tokenizer: Any, data: PreferenceData | S
         plot_curves(history, run_dir / PLOT_FILENAME, title=f"{config.loss} training")
         write_text_atomic(run_dir / REPORT_FILENAME, _report(config, result, data))
     return result
+
+
+def _keep_fsdp_outputs_in_float32(accelerator) -> None:
+    """accelerate's FSDP2 mixed precision casts every unit's outputs to bf16, the root's too: the policy's
+    per-sequence log-prob sums (~1e3 nats) would be rounded to steps of 4, below which rewards vanish.
+    Outputs keep their dtype instead (the layers still compute in bf16) and gradients are reduced in
+    float32, as DDP does."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    plugin = accelerator.state.fsdp_plugin
+    if getattr(plugin, "fsdp_version", 1) != 2:
+        return
+    policy = plugin.mixed_precision_policy
+    param_dtype = getattr(policy, "param_dtype", None) if policy is not None else None
+    plugin.mixed_precision_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32,
+                                                         output_dtype=None)
 
 
 def _average_gradients(parameters: Sequence[nn.Parameter], world_size: int) -> None:
