@@ -237,7 +237,7 @@ def _describe_error(error: BaseException) -> dict:
 def _start_evaluator(spec: EvaluatorSpec, device: str, threads: int | None) -> AdapterEvaluator:
     if threads is not None:
         torch.set_num_threads(threads)
-    if torch.device(device).type == "cuda":
+    if torch.device(device).type == "cuda" and torch.device(device).index is not None:
         torch.cuda.set_device(torch.device(device))  # kernels, caches and allocations of this worker's GPU
     return build_evaluator(spec, device)
 
