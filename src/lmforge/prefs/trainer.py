@@ -36,7 +36,14 @@ gives what ``accelerate launch`` needs: the device, DDP (the policy is wrapped i
 forward returns summed log-probs, so DDP sees the whole computation and synchronises gradients), bf16
 autocast, and process coordination. Every process runs the same schedule; process ``r`` of ``W`` takes
 micro-batches ``r, r + W, ...`` of each step, so ``W`` processes with ``batch_size`` each train exactly
-like one process that sees the same micro-batches.
+like one process that sees the same micro-batches. Under FSDP2 (``accelerate launch`` with an FSDP
+config) the policy and its optimizer are sharded together, the reference is scored through the sharded
+policy, outputs stay float32 and checkpoints hold whole (gathered) tensors; evaluation during training
+is not available there (generation would need every rank).
+
+Memory: ``rows_per_forward`` and ``two_pass`` trade time for activation memory (one sequence's, with
+exact gradients), ``compile_layers`` compiles each decoder layer; see :class:`PrefTrainConfig` and
+docs/benchmarks.md for what each costs on a Gemma-2-2B-shaped model.
 
 Precision: bf16 autocast on CUDA devices that support it (``precision="auto"``), float32 on the CPU.
 Reference and policy log-probs go through the same path, so at step 0 a policy equal to its reference
@@ -872,6 +879,13 @@ def train_preferences(model: nn.Module, tokenizer: Any, data: PreferenceData | S
     optimizer = torch.optim.AdamW(trainable, lr=config.resolved_learning_rate, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: learning_rate_factor(step, total_steps, warmup_steps))
+    # Several forward passes per backward (rows_per_forward) or several backward passes per micro-batch
+    # (two_pass) do not fit DDP's one-forward-one-backward hooks: such steps run under no_sync and the
+    # gradients are averaged once at the end of the step.
+    manual_sync = world_size > 1 and config.rows_per_forward is not None
+    if manual_sync and accelerator.distributed_type not in (DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
+        raise ValueError(f"rows_per_forward and two_pass run on one process or under DDP, not "
+                         f"{accelerator.distributed_type.value}")
     fsdp = accelerator.distributed_type == DistributedType.FSDP
     if fsdp:
         if eval_fn is not None:
@@ -891,13 +905,6 @@ def train_preferences(model: nn.Module, tokenizer: Any, data: PreferenceData | S
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(run_dir / CONFIG_FILENAME, yaml.safe_dump(config.to_dict(), sort_keys=False))
-    # Several forward passes per backward (rows_per_forward) or several backward passes per micro-batch
-    # (two_pass) do not fit DDP's one-forward-one-backward hooks: such steps run under no_sync and the
-    # gradients are averaged once at the end of the step.
-    manual_sync = world_size > 1 and config.rows_per_forward is not None
-    if manual_sync and accelerator.distributed_type not in (DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
-        raise ValueError(f"rows_per_forward and two_pass run on one process or under DDP, not "
-                         f"{accelerator.distributed_type.value}")
 
     state = {"step": 0, "log_history": [], "best": None, "last_eval": None, "evaluated_step": None}
     if checkpoint is not None:
