@@ -151,7 +151,7 @@ def test_loop_end_to_end_with_a_crash_after_pairs_and_resume(tmp_path, tiny_fold
 
     policy_1, _ = load_model(str(tiny_folder), dtype="float64", lora=state["iterations"]["1"]["training"]["policy"])
     stored = torch.load(run_dir / "iter-02" / "train" / "reference_logps.pt", weights_only=False)
-    data = loop._read_preference_data(run_dir / "iter-02")
+    data = loop._read_preference_data(config, run_dir / "iter-02")
     batches = prepare_batches(data, config.train_config(run_dir / "iter-02" / "train"), tokenizer.pad_token_id)
     with torch.no_grad():
         for batch, values in zip(batches, stored["values"], strict=True):
@@ -206,13 +206,42 @@ def test_fixed_initial_reference_scores_with_the_starting_adapter(tmp_path, tiny
     stored = torch.load(run_dir / "iter-02" / "train" / "reference_logps.pt", weights_only=False)
     assert stored["source"] == "given"
     data = __import__("lmforge.prefs.loop", fromlist=["_read_preference_data"])._read_preference_data(
-        run_dir / "iter-02")
+        config, run_dir / "iter-02")
     batches = prepare_batches(data, config.train_config(run_dir / "iter-02" / "train"), tokenizer.pad_token_id)
     with torch.no_grad():
         for batch, values in zip(batches, stored["values"], strict=True):
             expected = float64_logps(initial, batch["chosen_input_ids"], batch["chosen_attention_mask"],
                                      batch["chosen_loss_mask"])
             torch.testing.assert_close(values["ref_chosen_logps"].double(), expected, rtol=1e-5, atol=1e-3)
+
+
+def test_previous_policy_supplies_some_samples_from_iteration_two(tmp_path, tiny_folder):
+    from lmforge.prefs.loop import _read_rollouts
+
+    config = loop_config(tmp_path, tiny_folder, n_prompts=4, samples_per_prompt=3, previous_policy_samples=1,
+                         eval_problems=1, eval_samples=0, max_steps=2)
+    problems = sum(training_prompts(config), [])
+    sampled_with_adapter = []
+
+    def factory(model, tokenizer_):
+        sampled_with_adapter.append(any("lora_" in name for name, _ in model.named_parameters()))
+        return ScriptedBackend(tokenizer_, problems)
+
+    result = run_mdpo_loop(config, backend_factory=factory)
+    # Iteration 1 samples the starting policy (the base model) only; iteration 2 the adapter trained in
+    # iteration 1, then the policy it was trained from (the base) for one sample per prompt.
+    assert sampled_with_adapter == [False, True, False]
+    first, second = result["iterations"][1]["sampling"], result["iterations"][2]["sampling"]
+    assert first["trajectories"] == 6 and first["previous_policy_trajectories"] == 0
+    assert second["trajectories"] == 6 and second["previous_policy_trajectories"] == 2
+    assert second["policy"] == result["iterations"][1]["training"]["policy"] and second["previous_policy"] is None
+    rollouts = _read_rollouts(tmp_path / "loop" / "iter-02", config)
+    for problem in {t.problem_id for t in rollouts}:
+        mine = sorted((t.sample_index, t.metadata.get("policy")) for t in rollouts if t.problem_id == problem)
+        assert mine == [(0, None), (1, None), (2, "previous")]
+    assert "from the previous policy" in (tmp_path / "loop" / "iter-02" / "report.md").read_text()
+    with pytest.raises(ValueError, match="previous_policy_samples must be < samples_per_prompt"):
+        loop_config(tmp_path, tiny_folder, samples_per_prompt=2, previous_policy_samples=2)
 
 
 def test_iteration_without_pairs_keeps_the_policy(tmp_path, tiny_folder):

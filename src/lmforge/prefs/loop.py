@@ -7,8 +7,10 @@ t = 1 .. ``iterations``, in the folder ``iter-<t>/``:
 
 1. **sampling**: ``samples_per_prompt`` tool-using trajectories per training prompt from the current
    policy (temperature 1.0 by default), graded against the gold answers (``rollouts.jsonl``, streamed,
-   so an interrupted sampling stage continues where it stopped). With ``split_prompts`` the prompt set
-   is cut into ``iterations`` disjoint parts, one per iteration.
+   so an interrupted sampling stage continues where it stopped). With ``previous_policy_samples`` = m,
+   from iteration 2 on m of them come from the previous iteration's policy instead
+   (``rollouts-previous-policy.jsonl``; their sample indices follow the current policy's). With
+   ``split_prompts`` the prompt set is cut into ``iterations`` disjoint parts, one per iteration.
 2. **pairs**: :func:`lmforge.prefs.pairs.build_preference_data` (``pairs.json``: the pairs and KTO
    examples as trajectory keys, and the counts).
 3. **training**: :func:`lmforge.prefs.trainer.train_preferences` from the current policy's adapter, with
@@ -56,6 +58,8 @@ from lmforge.prefs.trainer import PrefTrainConfig, use_bf16
 STAGES = ("sampling", "pairs", "training", "eval")
 REFERENCE_OPTIONS = ("previous", "initial")
 STATE_FILENAME = "state.json"
+ROLLOUTS_FILENAME = "rollouts.jsonl"
+PREVIOUS_ROLLOUTS_FILENAME = "rollouts-previous-policy.jsonl"
 STATE_FORMAT = "lmforge-mdpo-loop"
 STATE_VERSION = 1
 CONFIG_FILENAME = "config.yaml"
@@ -78,7 +82,10 @@ class MDPOLoopConfig:
     ``skills`` / ``levels``), ``split_prompts`` (disjoint parts, one per iteration).
 
     Sampling: ``samples_per_prompt`` (the paper uses 30), ``temperature``, ``top_p``, ``max_tool_calls``,
-    ``max_new_tokens_per_turn``, ``max_total_tokens``, ``rollout_batch_size`` (trajectories in flight).
+    ``max_new_tokens_per_turn``, ``max_total_tokens``, ``rollout_batch_size`` (trajectories in flight);
+    ``previous_policy_samples``: from iteration 2 on, this many of each prompt's samples come from the
+    previous iteration's policy (the one the current policy was trained from), the rest from the
+    current one (0: on-policy only).
 
     Pairs: ``pairs_per_prompt`` (k), ``max_pair_length`` (longer trajectories are dropped; None =
     ``max_total_tokens``), ``drop_error_endings``.
@@ -120,6 +127,7 @@ class MDPOLoopConfig:
     max_new_tokens_per_turn: int = 256
     max_total_tokens: int = 1024
     rollout_batch_size: int = 16
+    previous_policy_samples: int = 0
     # pairs
     pairs_per_prompt: int = 1
     max_pair_length: int | None = None
@@ -174,8 +182,11 @@ class MDPOLoopConfig:
         for name in ("iterations", "n_prompts", "samples_per_prompt", "max_new_tokens_per_turn",
                      "max_total_tokens", "rollout_batch_size", "pairs_per_prompt", "eval_problems"):
             check_int(name, getattr(self, name), minimum=1)
-        for name in ("max_tool_calls", "eval_samples", "train_eval_problems", "seed"):
+        for name in ("max_tool_calls", "eval_samples", "train_eval_problems", "seed", "previous_policy_samples"):
             check_int(name, getattr(self, name), minimum=0)
+        if self.previous_policy_samples >= self.samples_per_prompt:
+            raise ValueError(f"previous_policy_samples must be < samples_per_prompt ({self.samples_per_prompt}): the "
+                             f"current policy keeps at least one sample per prompt, got {self.previous_policy_samples}")
         for name in ("max_pair_length", "train_eval_steps"):
             if getattr(self, name) is not None:
                 check_int(name, getattr(self, name), minimum=1)
@@ -356,11 +367,11 @@ def _policy_before(state: dict, config: MDPOLoopConfig, t: int) -> str | None:
 # Stages
 
 
-def _sampling_stage(config: MDPOLoopConfig, t: int, prompts: Sequence[Any], adapter: str | None,
-                    folder: Path, backend_factory: Callable | None) -> dict:
+def _sample(config: MDPOLoopConfig, prompts: Sequence[Any], adapter: str | None, samples: int, seed: int,
+            output: Path, backend_factory: Callable | None) -> list[Any]:
+    """``samples`` graded trajectories per prompt from the policy ``adapter``, streamed to ``output``."""
     from lmforge.agent.rollout import RolloutConfig, TransformersBackend, run_rollouts
 
-    started = time.perf_counter()
     model, tokenizer = _load_policy(config, adapter, trainable=False)
     model.eval()
     if backend_factory is not None:
@@ -368,20 +379,40 @@ def _sampling_stage(config: MDPOLoopConfig, t: int, prompts: Sequence[Any], adap
     else:
         backend = TransformersBackend(model, tokenizer)
     rollout_config = RolloutConfig(
-        samples_per_problem=config.samples_per_prompt, temperature=float(config.temperature),
-        top_p=float(config.top_p), seed=config.seed * 1000 + t, max_tool_calls=config.max_tool_calls,
+        samples_per_problem=samples, temperature=float(config.temperature),
+        top_p=float(config.top_p), seed=seed, max_tool_calls=config.max_tool_calls,
         max_new_tokens_per_turn=config.max_new_tokens_per_turn, max_total_tokens=config.max_total_tokens,
         batch_size=config.rollout_batch_size, tool_role=_tool_role(tokenizer),
-        output_path=str(folder / "rollouts.jsonl"), progress=config.progress)
+        output_path=str(output), progress=config.progress)
     with torch.no_grad():
         trajectories = run_rollouts(prompts, backend, tokenizer, rollout_config)
     del model, backend
     _release_memory()
+    return trajectories
+
+
+def _sampling_stage(config: MDPOLoopConfig, t: int, prompts: Sequence[Any], adapter: str | None,
+                    folder: Path, backend_factory: Callable | None, *, previous: tuple[str | None] | None = None
+                    ) -> dict:
+    """Sample and grade iteration ``t``'s trajectories; ``previous`` = (the previous policy's adapter,)
+    when some samples come from it (``config.previous_policy_samples``)."""
+    started = time.perf_counter()
+    from_previous = config.previous_policy_samples if previous is not None else 0
+    current = _sample(config, prompts, adapter, config.samples_per_prompt - from_previous, config.seed * 1000 + t,
+                      folder / ROLLOUTS_FILENAME, backend_factory)
+    older = []
+    if from_previous:
+        older = _sample(config, prompts, previous[0], from_previous, config.seed * 1000 + t + 500,
+                        folder / PREVIOUS_ROLLOUTS_FILENAME, backend_factory)
+    trajectories = _merge_rollouts(current, older, config.samples_per_prompt - from_previous)
     by_prompt: dict[str, list[bool]] = {}
     for trajectory in trajectories:
         by_prompt.setdefault(trajectory.problem_id, []).append(bool(trajectory.correct))
     return {
         "policy": adapter,
+        "previous_policy": previous[0] if from_previous else None,
+        "previous_policy_trajectories": len(older),
+        "previous_policy_correct_rate": (sum(bool(t.correct) for t in older) / len(older)) if older else None,
         "prompts": len(by_prompt),
         "trajectories": len(trajectories),
         "correct_rate": sum(sum(v) for v in by_prompt.values()) / max(1, len(trajectories)),
@@ -393,16 +424,30 @@ def _sampling_stage(config: MDPOLoopConfig, t: int, prompts: Sequence[Any], adap
     }
 
 
-def _read_rollouts(folder: Path) -> list[Any]:
+def _merge_rollouts(current: Sequence[Any], older: Sequence[Any], offset: int) -> list[Any]:
+    """One rollout of both policies' trajectories: the previous policy's get sample indices from
+    ``offset`` on (pairs name trajectories by problem and sample index) and ``metadata["policy"]``."""
+    merged = list(current)
+    for trajectory in older:
+        merged.append(dataclasses.replace(trajectory, sample_index=trajectory.sample_index + offset,
+                                          metadata={**trajectory.metadata, "policy": "previous"}))
+    return merged
+
+
+def _read_rollouts(folder: Path, config: MDPOLoopConfig) -> list[Any]:
     from lmforge.agent.format import read_trajectories
 
-    return read_trajectories(folder / "rollouts.jsonl")
+    current = read_trajectories(folder / ROLLOUTS_FILENAME)
+    if not (folder / PREVIOUS_ROLLOUTS_FILENAME).is_file():
+        return current
+    offset = config.samples_per_prompt - config.previous_policy_samples
+    return _merge_rollouts(current, read_trajectories(folder / PREVIOUS_ROLLOUTS_FILENAME), offset)
 
 
 def _pairs_stage(config: MDPOLoopConfig, folder: Path) -> dict:
     from lmforge.prefs.pairs import PairConfig, build_preference_data
 
-    data = build_preference_data(_read_rollouts(folder), PairConfig(
+    data = build_preference_data(_read_rollouts(folder, config), PairConfig(
         k=config.pairs_per_prompt, max_length=config.max_pair_length or config.max_total_tokens, seed=config.seed,
         drop_error_endings=config.drop_error_endings))
     record = {
@@ -414,12 +459,12 @@ def _pairs_stage(config: MDPOLoopConfig, folder: Path) -> dict:
     return dict(data.stats)
 
 
-def _read_preference_data(folder: Path) -> Any:
+def _read_preference_data(config: MDPOLoopConfig, folder: Path) -> Any:
     """The PreferenceData the pairs stage chose, rebuilt from ``pairs.json`` and the rollouts."""
     from lmforge.prefs.pairs import KTOExample, PreferenceData, PreferencePair
 
     record = json.loads((folder / "pairs.json").read_text())
-    trajectories = {t.key(): t for t in _read_rollouts(folder)}
+    trajectories = {t.key(): t for t in _read_rollouts(folder, config)}
     pairs = [PreferencePair(chosen=trajectories[(pid, chosen)], rejected=trajectories[(pid, rejected)])
              for pid, chosen, rejected in record["pairs"]]
     examples = [KTOExample(trajectories[(pid, index)], desirable=desirable)
@@ -441,7 +486,7 @@ def _training_stage(config: MDPOLoopConfig, t: int, adapter: str | None, folder:
     from lmforge.prefs.trainer import compile_decoder_layers, compute_reference_logps, make_agent_eval, \
         prepare_batches, train_preferences
 
-    data = _read_preference_data(folder)
+    data = _read_preference_data(config, folder)
     reason = _nothing_to_train(config, data)
     if reason is not None:
         return {"skipped": reason, "policy": adapter}
@@ -558,7 +603,9 @@ def run_mdpo_loop(config: MDPOLoopConfig, resume: bool = False, *,
             bar.set_postfix_str(f"iteration {t}: {stage}")
             adapter = _policy_before(state, config, t)
             if stage == "sampling":
-                record[stage] = _sampling_stage(config, t, prompts[t - 1], adapter, folder, backend_factory)
+                mixed = (_policy_before(state, config, t - 1),) if t > 1 and config.previous_policy_samples else None
+                record[stage] = _sampling_stage(config, t, prompts[t - 1], adapter, folder, backend_factory,
+                                                previous=mixed)
             elif stage == "pairs":
                 record[stage] = _pairs_stage(config, folder)
             elif stage == "training":
@@ -639,7 +686,11 @@ def _iteration_report(config: MDPOLoopConfig, t: int, record: Mapping[str, Any],
     lines = [
         f"# M-DPO loop, iteration {t} ({config.loss})",
         "",
-        f"Policy sampled from: {sampling.get('policy') or 'the base model'}",
+        f"Policy sampled from: {sampling.get('policy') or 'the base model'}"
+        + (f"; {sampling['previous_policy_trajectories']} trajectories ({config.previous_policy_samples} per prompt, "
+           f"correct rate {_fmt(sampling.get('previous_policy_correct_rate'), True)}) from the previous policy: "
+           f"{sampling.get('previous_policy') or 'the base model'}" if sampling.get("previous_policy_trajectories")
+           else ""),
         "",
         "## Sampling",
         "",
