@@ -31,10 +31,8 @@ What it does:
                    multi-turn pairs: N processes x batch_size b against one process with batch_size b and
                    grad_accumulation N (the trainer deals micro-batches r, r+N, ... of a step to process r,
                    so both see the same micro-batches).
-       mdpo_fsdp   the same with the FSDP environment. The trainer prepares only the model (its optimizer
-                   is built before accelerator.prepare) and FSDP2 replaces the parameters it shards, so this
-                   may raise or train wrongly: the error or the differences are recorded, nothing is worked
-                   around.
+       mdpo_fsdp   the same with the FSDP environment (the trainer prepares policy and optimizer together,
+                   scores the reference through the sharded policy and keeps its outputs in float32).
 
    On CUDA: NCCL, precision "bf16" (bf16 base weights, float32 LoRA weights, bf16 autocast). On the CPU: gloo,
    float32, one thread per process. On the CPU accelerate ignores ACCELERATE_USE_FSDP (its distributed type
