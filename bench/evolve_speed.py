@@ -37,6 +37,9 @@ from lmforge.evolve.fitness import AdapterEvaluator, encode_answer_examples, lor
 from lmforge.models.loading import embedded_model_folder, load_model
 from lmforge.models.lora import LoraAdapterConfig, load_lora
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sft_memory import GEMMA2_2B_SIZES  # noqa: E402  (a sibling script: one definition of the shapes)
+
 STRATEGIES = ("reload_unbatched", "reload_batched", "inplace_unbatched", "inplace_batched")
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -48,10 +51,8 @@ def gemma2_random_folder(root: Path, device: str, dtype: torch.dtype, tokenizer_
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or embedded_model_folder())
     config = AutoConfig.for_model(
-        "gemma2", vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
-        num_attention_heads=8, num_key_value_heads=4, head_dim=256, max_position_embeddings=8192,
-        final_logit_softcapping=30.0, attn_logit_softcapping=50.0, query_pre_attn_scalar=256, sliding_window=4096,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+        "gemma2", **GEMMA2_2B_SIZES, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id)
     torch.manual_seed(0)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)

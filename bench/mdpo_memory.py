@@ -55,36 +55,9 @@ from pathlib import Path
 
 import torch
 
-GEMMA2_2B_SIZES = dict(
-    vocab_size=256000,
-    hidden_size=2304,
-    intermediate_size=9216,
-    num_hidden_layers=26,
-    num_attention_heads=8,
-    num_key_value_heads=4,
-    head_dim=256,
-    final_logit_softcapping=30.0,
-    attn_logit_softcapping=50.0,
-    query_pre_attn_scalar=256,
-    sliding_window=4096,
-    max_position_embeddings=8192,
-    hidden_activation="gelu_pytorch_tanh",
-    tie_word_embeddings=True,
-)
-# Same architecture, tiny sizes: for a smoke test of this script on any machine.
-TINY_SIZES = dict(
-    GEMMA2_2B_SIZES,
-    vocab_size=1024,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    query_pre_attn_scalar=16,
-    sliding_window=64,
-    max_position_embeddings=256,
-)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sft_memory import GEMMA2_2B_SIZES, TINY_SIZES  # noqa: E402  (a sibling script: one definition of the shapes)
+
 CONTENDERS = ("lmforge", "lmforge_rows1", "lmforge_two_pass", "lmforge_compiled", "lmforge_two_pass_compiled", "trl",
               "trl_precomputed", "trl_liger")
 LMFORGE_OPTIONS = {"lmforge": {}, "lmforge_rows1": {"rows_per_forward": 1},
