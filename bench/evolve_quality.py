@@ -25,9 +25,17 @@ skill, so +-7-8 points of noise) B-only experts (lr 5e-3) did as well on their o
 ones (lr 2e-3), and merges kept more: the 50/50 merge of the rate and percent experts answered 48% of
 rate problems (the rate expert 77%) against 19% (the rate expert 72%) with trained A.
 
-Defaults: the issue's experts (five skills) and its new task (add_sub+mul_div+rate, levels 1-2), 200
-validation and 600 test problems per seed, a population of 8 for 6 generations (LoraHub: 16 candidates),
-greedy direct answers of at most 12 tokens, the whole validation set in one generate batch.
+Defaults: five single-skill experts and a new task that mixes three of their skills
+(mul_div+percent+rate, levels 1-2: every adapter of this size answers add_sub problems almost never, so a
+mix with add_sub measures noise), 200 validation and 600 test problems per seed, a population of 8 for 6
+generations (LoraHub: 16 candidates), greedy direct answers of at most 12 tokens, the whole validation set
+in one generate batch.
+
+    python bench/evolve_quality.py --n-validation 100 --n-test 300 --population-size 4 --n-children 4 \
+        --lorahub-budget 8 --generations 2 --out runs/evolve_quality
+                                         # the CPU run of docs/benchmarks.md (2 cores: 47 min for the seeds,
+                                         # ~35 min more to train the experts; 200 validation problems per
+                                         # seed take about twice as long)
 
 Time: before the first seed the script loads the model once, times one evaluation of the validation set
 and prints an estimate of the whole run (expected fitness evaluations x seconds per evaluation). With
@@ -105,7 +113,7 @@ class QualitySettings:
     expert_learning_rate: float = 5e-3
     lora_rank: int = 8
     expert_frozen_a: bool = True
-    task: str = "add_sub+mul_div+rate"
+    task: str = "mul_div+percent+rate"
     levels: list[int] = dataclasses.field(default_factory=lambda: [1, 2])
     n_validation: int = 200
     n_test: int = 600
