@@ -4,10 +4,8 @@ on a tiny random model (every phase, two seeds, reuse of finished seeds, refusal
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,28 +19,12 @@ from lmforge.evolve.fitness import load_adapter_weights, lora_parameters
 from lmforge.evolve.merge import merge_adapters
 from lmforge.evolve.run import EvolveConfig
 from lmforge.models.loading import load_model
+from tests.conftest import load_bench_script
 from tests.models.conftest import build_tiny_model, build_tiny_tokenizer
 
-SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "evolve_quality.py"
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("evolve_quality", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-quality = load_script()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_cpu_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+quality = load_bench_script("evolve_quality")
 
 
 @pytest.fixture(scope="module")

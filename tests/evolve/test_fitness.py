@@ -24,16 +24,9 @@ from lmforge.evolve.fitness import (
 from lmforge.models.lora import LoraAdapterConfig, attach_lora, load_lora
 from tests.models.conftest import build_tiny_model, build_tiny_tokenizer
 
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
+
 SYSTEM = "Answer in \\boxed{}."
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_cpu_thread():
-    # Tiny models are dominated by thread start-up; on a shared 2-core machine one thread is many times faster.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_base(family: str = "llama", dtype=torch.float32):

@@ -32,16 +32,9 @@ from lmforge.models.loading import load_model
 from lmforge.models.lora import LoraAdapterConfig
 from tests.models.conftest import build_tiny_model, build_tiny_tokenizer
 
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
+
 TASKS = ("add_sub", "mul_div+rate")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_cpu_thread():
-    # Tiny models are dominated by thread start-up; workers get one thread each too, so results compare bit for bit.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -28,13 +28,7 @@ from lmforge.models.loading import load_model
 from lmforge.models.lora import LoraAdapterConfig, load_lora
 from tests.models.conftest import build_tiny_model, build_tiny_tokenizer
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_cpu_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 @pytest.fixture(scope="module")

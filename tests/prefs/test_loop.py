@@ -23,18 +23,9 @@ from lmforge.config import config_from_args
 from lmforge.prefs.loop import MDPOLoopConfig, run_mdpo_loop, training_prompts
 from tests.models.conftest import build_tiny_model, build_tiny_tokenizer
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("one_cpu_thread")]
 
 END = "<|im_end|>"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Two shared cores: one intra-op thread avoids oversubscription and is several times faster on tiny models.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 class ScriptedBackend:

@@ -9,43 +9,22 @@ The tiny model never answers correctly, so the sampling stages get the scripted 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from lmforge.agent.tasks import generate_problems
 from lmforge.prefs.loop import training_prompts
+from tests.conftest import load_bench_script
 from tests.models.conftest import build_tiny_model, build_tiny_tokenizer
 from tests.prefs.test_loop import ScriptedBackend
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("one_cpu_thread")]
 
-SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "mdpo_quality.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("mdpo_quality", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-quality = load_script()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_cpu_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+quality = load_bench_script("mdpo_quality")
 
 
 @pytest.fixture(scope="module")

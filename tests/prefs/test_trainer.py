@@ -39,18 +39,9 @@ from lmforge.prefs.trainer import (
 )
 from tests.models.conftest import build_tiny_model, build_tiny_tokenizer
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.timeout(240), pytest.mark.usefixtures("one_cpu_thread")]
 
 PAD = 0  # the tiny tokenizer's <|endoftext|>
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Two shared cores: one intra-op thread avoids oversubscription and is several times faster on tiny models.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 # --------------------------------------------------------------------------------------------------
