@@ -219,7 +219,11 @@ def test_gemm_slabs_do_not_change_results(monkeypatch, dtype):
         results.append((*stats, *grads))
     for other in results[1:]:
         for a, b2 in zip(results[0], other):
-            torch.testing.assert_close(a, b2, rtol=2e-5, atol=2e-5)
+            # A bf16 output (dE, dC) is the rounding of an fp32 sum whose order depends on the slab
+            # width: a value within a few fp32 ulps of a bf16 rounding boundary may land one bf16 ulp
+            # (2^-8 relative to the binade, so < 2^-7 of the value) away. More than that is a bug.
+            rtol = 2**-7 if a.dtype == torch.bfloat16 else 2e-5
+            torch.testing.assert_close(a, b2, rtol=rtol, atol=2e-5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU-sized shapes: too slow for the interpreter")
