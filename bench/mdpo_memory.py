@@ -26,7 +26,8 @@ the same seed, one after another in this process:
 
 Equal for all: bf16 autocast (bf16 base weights, float32 adapter), AdamW, batch 4 pairs x 1 accumulation,
 gradient checkpointing on (non-reentrant; TRL's default) unless --no-gradient-checkpointing, eager attention
-(Gemma 2's attention softcapping rules out SDPA). A step is forward + backward + optimizer step. Each
+(Gemma 2's attention softcapping rules out SDPA) unless --attn-implementation flex_attention (for every
+contender: the comparison stays on one model). A step is forward + backward + optimizer step. Each
 contender runs --warmup untimed steps then --steps timed ones; reported: the median step time, the peak of
 torch.cuda.max_memory_allocated over a timed step (reset at its start), the memory allocated when the step
 starts (weights, adapter, optimizer state) and their difference.
@@ -84,6 +85,10 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     parser.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false",
                         help="switch gradient checkpointing off for every contender")
     parser.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS)
+    parser.add_argument("--attn-implementation", default="eager", choices=("eager", "flex_attention"),
+                        help="Gemma 2's attention kernel for every contender (default eager, what TRL and "
+                             "transformers train Gemma 2 with; flex_attention: softcapped attention without the "
+                             "attention matrix, GPU only)")
     parser.add_argument("--cce-impl", default="auto", help="lmforge.cce implementation for lmforge (default auto)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -158,12 +163,12 @@ def lmforge_pairs(texts, tokenizer):
                            rejected=trajectory(t["prompt"], t["rejected"], 1, i)) for i, t in enumerate(texts)]
 
 
-def build_model(sizes: dict, device: torch.device, seed: int):
+def build_model(sizes: dict, device: torch.device, seed: int, attn_implementation: str = "eager"):
     """The random-weight Gemma-2 model in bf16 on ``device`` (the same weights for a seed)."""
     from transformers import AutoModelForCausalLM, Gemma2Config
 
-    config = Gemma2Config(**sizes, attn_implementation="eager", use_cache=False, pad_token_id=0, bos_token_id=1,
-                          eos_token_id=2)
+    config = Gemma2Config(**sizes, attn_implementation=attn_implementation, use_cache=False, pad_token_id=0,
+                          bos_token_id=1, eos_token_id=2)
     torch.manual_seed(seed)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     with torch.device(device):  # initialised where it runs: seconds on a GPU instead of a minute on the CPU
@@ -226,7 +231,7 @@ def run_lmforge(args, sizes, device, tokenizer, texts, workdir: Path, name: str 
         precision="bf16" if device.type == "cuda" else "fp32", gradient_checkpointing=args.gradient_checkpointing,
         seed=args.seed, output_dir=str(workdir / name), save_steps=10**6, progress=False, cce_impl=args.cce_impl,
         **LMFORGE_OPTIONS[name])
-    policy = prepare_model(build_model(sizes, device, args.seed), config)
+    policy = prepare_model(build_model(sizes, device, args.seed, args.attn_implementation), config)
     if config.compile_layers:  # the reference log-probs then come from the same kernels as the policy's
         compile_decoder_layers(policy)
     batches = prepare_batches(pairs, config, tokenizer.pad_token_id)
@@ -283,7 +288,7 @@ def run_trl(args, sizes, device, tokenizer, texts, workdir: Path, *, precompute:
 
     from lmforge.models.lora import LoraAdapterConfig, to_peft_config
 
-    model = build_model(sizes, device, args.seed)
+    model = build_model(sizes, device, args.seed, args.attn_implementation)
     peft_config = to_peft_config(LoraAdapterConfig(rank=args.lora_rank, alpha=2.0 * args.lora_rank), model)
     trl_config = DPOConfig(
         output_dir=str(workdir / ("trl_liger" if liger else "trl_precomputed" if precompute else "trl")),
@@ -366,7 +371,7 @@ def main(argv=None) -> int:
         "precision": ("bf16 base weights, fp32 LoRA weights, bf16 autocast" if device.type == "cuda"
                       else "float32 (CPU smoke test)"),
         "gradient_checkpointing": args.gradient_checkpointing,
-        "attn_implementation": "eager (every contender)",
+        "attn_implementation": f"{args.attn_implementation} (every contender)",
         "lmforge_cce_impl": args.cce_impl,
         "loss": f"DPO sigmoid, beta {BETA} (lmforge: m_dpo with every completion token a policy token)",
         "optimizer": f"AdamW lr {LEARNING_RATE} on the LoRA parameters",

@@ -336,6 +336,27 @@ def test_dtype_names_and_torch_dtypes(dtype, expected, tiny_model_folder):
     assert torch.equal(model.lm_head.weight, saved_model.lm_head.weight.to(expected))
 
 
+def test_attention_implementations_give_the_same_logits(tiny_model_folder):
+    # sdpa and eager are independent kernels of the same attention: equal logits to float tolerance,
+    # with padding on the left so the mask matters.
+    folder, _ = tiny_model_folder("llama")
+    eager, tokenizer = load_model(folder, attn_implementation="eager")
+    sdpa, _ = load_model(folder, attn_implementation="sdpa")
+    assert eager.config._attn_implementation == "eager" and sdpa.config._attn_implementation == "sdpa"
+    batch = tokenizer(["Hi, 42!", "a longer line of text"], return_tensors="pt", padding=True, padding_side="left")
+    with torch.no_grad():
+        logits = [m(**batch).logits[batch.attention_mask.bool()] for m in (eager, sdpa)]
+    torch.testing.assert_close(logits[0], logits[1], rtol=1e-5, atol=1e-5)
+
+
+def test_an_attention_the_architecture_refuses_is_a_clear_error(tiny_model_folder):
+    folder, _ = tiny_model_folder("gemma2")
+    with pytest.raises(ValueError, match="attn_implementation='sdpa' is not available for Gemma2ForCausalLM"):
+        load_model(folder, attn_implementation="sdpa")
+    with pytest.raises(TypeError, match="attn_implementation must be None or a non-empty string"):
+        load_model(folder, attn_implementation=3)
+
+
 def test_auto_dtype_keeps_the_saved_dtype(tiny_model_folder):
     folder, _ = tiny_model_folder("gemma", dtype=torch.bfloat16)
     model, _ = load_model(folder)

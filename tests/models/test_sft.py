@@ -31,6 +31,7 @@ from lmforge.models.sft import (
     collate_chat_batch,
     generated_conversations,
     load_conversations,
+    load_model_for_sft,
     map_tool_messages,
     resolve_tool_role,
     run_sft,
@@ -248,6 +249,7 @@ def test_load_conversations_validates_lines(tmp_path):
         ({"precision": "fp8"}, ValueError, "precision must be one of"),
         ({"resume": "yes"}, TypeError, "resume must be a bool"),
         ({"levels": ["one"]}, TypeError, "levels must be an int"),
+        ({"attn_implementation": ""}, TypeError, "attn_implementation must be None or a non-empty string"),
     ],
 )
 def test_config_rejects_bad_options(options, error, match):
@@ -357,6 +359,13 @@ def tiny_config(folder, run_dir, **overrides) -> SFTConfig:
     return SFTConfig(**options)
 
 
+def test_the_attention_implementation_reaches_the_trained_model(tiny_model_folder, tmp_path):
+    folder, _ = tiny_model_folder("llama")
+    for attn in ("sdpa", "eager"):
+        model, _ = load_model_for_sft(tiny_config(folder, tmp_path / attn, attn_implementation=attn))
+        assert model.get_base_model().config._attn_implementation == attn
+
+
 def test_resume_after_a_crash_continues_the_run_exactly(tiny_model_folder, tmp_path, monkeypatch):
     from transformers import Trainer
 
@@ -423,7 +432,7 @@ def test_gradient_accumulation_normalises_by_all_assistant_tokens(tiny_model_fol
                   max_steps=1, max_grad_norm=1e9)
     together = run_sft(tiny_config(folder, tmp_path / "b2", batch_size=2, grad_accumulation=1, cce=False,
                                    **common))
-    accumulated = run_sft(tiny_config(folder, tmp_path / "b1x2", batch_size=1, grad_accumulation=2,
+    run_sft(tiny_config(folder, tmp_path / "b1x2", batch_size=1, grad_accumulation=2,
                                       gradient_checkpointing=True, **common))
     first_together = read_metrics(tmp_path / "b2")[0]
     first_accumulated = read_metrics(tmp_path / "b1x2")[0]

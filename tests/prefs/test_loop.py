@@ -20,7 +20,7 @@ import torch
 from lmforge.agent.tasks import code_block
 from lmforge.cli import build_parser
 from lmforge.config import config_from_args
-from lmforge.prefs.loop import MDPOLoopConfig, run_mdpo_loop, training_prompts
+from lmforge.prefs.loop import MDPOLoopConfig, _load_policy, run_mdpo_loop, training_prompts
 from tests.models.conftest import build_tiny_model, build_tiny_tokenizer
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("one_cpu_thread")]
@@ -249,6 +249,13 @@ def test_iteration_without_pairs_keeps_the_policy(tmp_path, tiny_folder):
     assert "Skipped: no prompt has both" in (tmp_path / "loop" / "iter-01" / "report.md").read_text()
 
 
+def test_the_attention_implementation_reaches_every_policy_the_loop_loads(tmp_path, tiny_folder):
+    for attn in ("sdpa", "eager"):
+        model, _ = _load_policy(loop_config(tmp_path, tiny_folder, attn_implementation=attn), None, trainable=False,
+                                device="cpu")
+        assert model.config._attn_implementation == attn
+
+
 def test_config_and_cli(tmp_path, tiny_folder):
     config_file = tmp_path / "mdpo.yaml"
     config_file.write_text(f"model: {tiny_folder}\niterations: 3\nloss: m_kto\npass_k: [1]\n")
@@ -270,6 +277,7 @@ def test_config_and_cli(tmp_path, tiny_folder):
         (dict(temperature=-1.0), ValueError, "temperature must be"),
         (dict(train_eval_steps=5), ValueError, "train_eval_problems > 0"),
         (dict(beta=0), ValueError, "beta must be > 0"),
+        (dict(attn_implementation=["sdpa"]), TypeError, "attn_implementation must be None or a non-empty"),
     ]:
         with pytest.raises(error, match=match):
             MDPOLoopConfig(**options)

@@ -363,6 +363,7 @@ def load_model(
     dtype: torch.dtype | str = "auto",
     device: torch.device | str = "cpu",
     lora: str | os.PathLike | LoraAdapterConfig | None = None,
+    attn_implementation: str | None = None,
 ) -> tuple[Any, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer; return ``(model, tokenizer)``.
 
@@ -378,6 +379,11 @@ def load_model(
     ``lora``: an :class:`~lmforge.models.lora.LoraAdapterConfig` attaches a new trainable adapter; a folder
     path loads a saved PEFT adapter (frozen, for inference; use ``lora.load_lora(..., trainable=True)`` to
     keep training it). With ``lora`` the model returned is a ``peft.PeftModel``.
+    ``attn_implementation``: the attention kernel, as transformers names it ("eager", "sdpa",
+    "flex_attention", "flash_attention_2", ...); None keeps transformers' choice for the architecture.
+    An implementation the architecture does not support is refused with transformers' reason (Gemma 2's
+    attention softcapping, for instance, rules out "sdpa" but not "flex_attention", which computes it
+    without materialising the attention matrix; flex attention trains on GPUs only).
 
     The model comes back in eval mode, as transformers returns it. If the tokenizer has no padding token,
     its unknown token (or else its eos token) becomes the padding token; mask padding with the attention
@@ -393,6 +399,8 @@ def load_model(
         raise TypeError(f"lora must be a LoraAdapterConfig, a folder path or None, got {type(lora).__name__}: {lora!r}")
     if isinstance(lora, (str, os.PathLike)):
         check_lora_folder(Path(lora).expanduser())
+    if attn_implementation is not None and (not isinstance(attn_implementation, str) or not attn_implementation):
+        raise TypeError(f"attn_implementation must be None or a non-empty string, got {attn_implementation!r}")
 
     if name_or_path is None:
         source: Path | str = embedded_model_folder()
@@ -414,6 +422,8 @@ def load_model(
         model, tokenizer = _load_pretrained(str(source), torch_dtype, from_hub=True)
 
     _ensure_pad_token(model, tokenizer)
+    if attn_implementation is not None:
+        set_attention(model, attn_implementation)
     if torch_device.type != "cpu":
         model.to(torch_device)  # Module.to keeps tied parameters tied
 
@@ -422,6 +432,17 @@ def load_model(
     elif lora is not None:
         model = load_lora(model, lora)
     return model, tokenizer
+
+
+def set_attention(model: PreTrainedModel, attn_implementation: str) -> None:
+    """Switch a loaded transformers model (or the model under a PEFT wrapper) to ``attn_implementation``;
+    a ValueError says why the architecture refuses it."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        base.set_attn_implementation(attn_implementation)
+    except (ValueError, ImportError) as err:
+        raise ValueError(f"attn_implementation={attn_implementation!r} is not available for "
+                         f"{type(base).__name__}: {err}") from err
 
 
 def _classify_source(name_or_path: str | os.PathLike) -> tuple[Path | str, str]:

@@ -127,6 +127,8 @@ class SFTConfig:
         precision: "auto" (bf16 mixed precision on CUDA, float32 on the CPU), "bf16" or "fp32".
         gradient_checkpointing: recompute activations in the backward pass (less memory, ~30% slower).
         cce: compute the loss with lmforge's Cut Cross-Entropy patch (no logits); False = the stock loss.
+        attn_implementation: transformers' attention kernel ("eager", "sdpa", "flex_attention", ...);
+            None = transformers' default for the architecture (see lmforge.models.loading.load_model).
 
     Optimisation (AdamW, cosine decay to 0 after a linear warm-up):
         learning_rate: None = 2e-4 for LoRA, 2e-5 for full fine-tuning.
@@ -169,6 +171,7 @@ class SFTConfig:
     gradient_checkpointing: bool = False
     cce: bool = True
     cce_impl: str = "auto"
+    attn_implementation: str | None = None
     seed: int = 0
     save_steps: int = 200
     save_total_limit: int | None = 2
@@ -227,6 +230,10 @@ class SFTConfig:
         from lmforge.cce.api import IMPLS
 
         check_choice("cce_impl", self.cce_impl, IMPLS)
+        if self.attn_implementation is not None and (not isinstance(self.attn_implementation, str)
+                                                     or not self.attn_implementation):
+            raise TypeError(f"attn_implementation must be None or a non-empty string, got "
+                            f"{self.attn_implementation!r}")
 
     @property
     def resolved_learning_rate(self) -> float:
@@ -589,7 +596,8 @@ def load_model_for_sft(config: SFTConfig) -> tuple[Any, Any]:
     if config.finetune == "lora":
         lora = LoraAdapterConfig(rank=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout,
                                  target_modules=config.lora_target_modules)
-    model, tokenizer = load_model(config.model, dtype=dtype, device="cpu", lora=lora)
+    model, tokenizer = load_model(config.model, dtype=dtype, device="cpu", lora=lora,
+                                  attn_implementation=config.attn_implementation)
     if config.finetune == "full":
         for parameter in model.parameters():
             parameter.requires_grad_(True)

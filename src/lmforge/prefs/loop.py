@@ -76,7 +76,9 @@ class MDPOLoopConfig:
     Policy: ``model`` (a Hugging Face folder, hub id or .gguf; None = the embedded SmolLM2-135M-Instruct),
     ``init_adapter`` (a PEFT LoRA folder to start from, e.g. an SFT adapter; None = the base model with a
     fresh adapter), ``device`` ("auto", "cpu", "cuda", ...), ``dtype`` ("auto" = bf16 on a bf16 GPU with
-    LoRA, float32 otherwise).
+    LoRA, float32 otherwise), ``attn_implementation`` (transformers' attention kernel for sampling,
+    training and evaluation, e.g. "flex_attention" for Gemma 2 on a GPU; None = transformers' default; see
+    :func:`lmforge.models.loading.load_model`).
 
     Prompts: ``data`` (GSM8K- or MATH-style JSONL; None = ``n_prompts`` generated train-split problems of
     ``skills`` / ``levels``), ``split_prompts`` (disjoint parts, one per iteration).
@@ -111,6 +113,7 @@ class MDPOLoopConfig:
     iterations: int = 2
     device: str = "auto"
     dtype: str = "auto"
+    attn_implementation: str | None = None
     seed: int = 0
     progress: bool = True
     # prompts
@@ -179,6 +182,10 @@ class MDPOLoopConfig:
         if not isinstance(self.output_dir, (str, os.PathLike)) or not os.fspath(self.output_dir):
             raise TypeError(f"output_dir must be a non-empty path string, got {self.output_dir!r}")
         self.output_dir = os.fspath(self.output_dir)
+        if self.attn_implementation is not None and (not isinstance(self.attn_implementation, str)
+                                                     or not self.attn_implementation):
+            raise TypeError(f"attn_implementation must be None or a non-empty string, got "
+                            f"{self.attn_implementation!r}")
         for name in ("iterations", "n_prompts", "samples_per_prompt", "max_new_tokens_per_turn",
                      "max_total_tokens", "rollout_batch_size", "pairs_per_prompt", "eval_problems"):
             check_int(name, getattr(self, name), minimum=1)
@@ -297,7 +304,8 @@ def _load_policy(config: MDPOLoopConfig, adapter: str | None, *, trainable: bool
     from lmforge.models.lora import load_lora
 
     device = device or _device(config)
-    model, tokenizer = load_model(config.model, dtype=_dtype(config), device=device)
+    model, tokenizer = load_model(config.model, dtype=_dtype(config), device=device,
+                                  attn_implementation=config.attn_implementation)
     if adapter is not None:
         model = load_lora(model, adapter, trainable=trainable)
     return model, tokenizer
