@@ -432,8 +432,8 @@ def test_gradient_accumulation_normalises_by_all_assistant_tokens(tiny_model_fol
                   max_steps=1, max_grad_norm=1e9)
     together = run_sft(tiny_config(folder, tmp_path / "b2", batch_size=2, grad_accumulation=1, cce=False,
                                    **common))
-    run_sft(tiny_config(folder, tmp_path / "b1x2", batch_size=1, grad_accumulation=2,
-                                      gradient_checkpointing=True, **common))
+    run_sft(tiny_config(folder, tmp_path / "b1x2", batch_size=1, grad_accumulation=2, gradient_checkpointing=True,
+                        **common))
     first_together = read_metrics(tmp_path / "b2")[0]
     first_accumulated = read_metrics(tmp_path / "b1x2")[0]
 
