@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.cce import LinearCrossEntropy, auto_filter_eps, linear_cross_entropy, token_logprobs
-from lmforge.cce import chunked, gemm_impl
+from lmforge.cce import chunked, gemm_impl, triton_impl
 from tests.conftest import DEVICE
 
 IMPLS = ["torch", "triton", "gemm"]
@@ -299,6 +299,96 @@ def test_gradient_filter_skips_tiles_and_stays_accurate():
     assert rel_err(auto[1], c64.grad) < GRAD_TOL[torch.bfloat16]
     # Skipping really happens: a coarse threshold drops visible mass, so the result moves.
     assert rel_err(coarse[1], exact[1]) > 1e-3  # far beyond the ~1e-4 of summation order
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gemm_sorted_vocabulary_does_not_change_results(monkeypatch, dtype):
+    # Slabs over a permuted vocabulary (what filtering uses): the same statistics and gradients, dC and db
+    # scattered back to the tokens' own rows. g_sum and g_mu are given, so nothing is filtered.
+    monkeypatch.setenv("LMFORGE_CCE_SLAB_MB", str(32 * N * 4 / 2**20))
+    e, c, t, b = make_inputs(dtype, ignore_frac=0.2, with_bias=True)
+    e, c, b = e.detach(), c.detach(), b.detach()
+    g = torch.randn(N, dtype=torch.float32).to(DEVICE)
+    perm = torch.randperm(V, generator=torch.Generator().manual_seed(3)).to(DEVICE, torch.int32)
+    results = []
+    for order in (None, perm):
+        table = torch.empty((gemm_impl.n_slabs(N, V), N), dtype=torch.float32, device=DEVICE)
+        stats = gemm_impl.forward_stats(e, c, b, t, softcap=3.0, need_sum=True, need_mu=True, perm=order,
+                                        slab_lse=table)
+        torch.testing.assert_close(torch.logsumexp(table, 0), stats[0], rtol=1e-5, atol=1e-5)
+        grads = gemm_impl.backward(e, c, b, t, stats[0], stats[3], g, -g, 0.5 * g, g, softcap=3.0,
+                                   need_db=True, perm=order, slab_lse=table, filter_eps=1.0)
+        results.append((*stats, *grads))
+    for a, b2 in zip(*results):
+        rtol = 2**-7 if a.dtype == torch.bfloat16 else 2e-5  # one bf16 ulp where the fp32 sum order changed
+        torch.testing.assert_close(a, b2, rtol=rtol, atol=2e-5)
+
+
+def test_gemm_kept_rows_drop_the_lightest_slabs_within_the_budget():
+    g = torch.Generator().manual_seed(0)
+    slabs, n, cols, eps = 7, 50, 16, 0.05
+    table = 3 * torch.randn(slabs, n, generator=g, dtype=torch.float64)
+    lse = torch.logsumexp(table, 0)
+    g_lse = torch.randn(n, generator=g, dtype=torch.float64)
+    g_lse[::5] = 0.0  # ignored tokens
+    g_tgt = -g_lse
+    targets = torch.randint(0, slabs * cols, (n,), generator=g)
+    targets[::7] = -1  # a target outside the vocabulary
+    keep = gemm_impl.kept_rows(table.float(), lse.float(), g_lse.float(), g_tgt.float(), targets, cols, eps)
+    mass = torch.exp(table - lse)
+    for i in range(n):
+        want = torch.ones(slabs, dtype=torch.bool)
+        if g_lse[i] == 0:
+            want[:] = False
+        else:
+            lost = 0.0
+            for slab in torch.argsort(mass[:, i]).tolist():  # lightest first, while the total stays <= eps
+                if lost + mass[slab, i] > eps:
+                    break
+                lost += float(mass[slab, i])
+                want[slab] = False
+        if g_tgt[i] != 0 and targets[i] >= 0:
+            want[targets[i] // cols] = True
+        assert torch.equal(keep[:, i].cpu(), want), i
+    assert 0 < keep.float().mean() < 1
+
+
+def test_gemm_gradient_filter_skips_rows_and_stays_accurate(monkeypatch):
+    v = 800
+    monkeypatch.setenv("LMFORGE_CCE_SLAB_MB", str(64 * N * 4 / 2**20))  # 64-column slabs: 13 of them
+    g = torch.Generator().manual_seed(0)
+    c = torch.randn(v, D, generator=g)
+    t = torch.randint(0, v // 8, (N,), generator=g)
+    e = 0.35 * c[t] + 0.3 * torch.randn(N, D, generator=g)  # NLL ~0.4 nats, ~58 entries >= 2^-12 per row
+    e, c = (x.to(DEVICE, torch.bfloat16).requires_grad_() for x in (e, c))
+    t = t.to(DEVICE)
+    ref, _, (e64, c64, _) = reference(e, c, t)
+    ref.backward()
+
+    def grads(filter_eps):
+        e.grad = c.grad = None
+        linear_cross_entropy(e, c, t, impl="gemm", filter_eps=filter_eps).backward()
+        return e.grad.clone(), c.grad.clone()
+
+    exact = grads(None)
+    auto = grads("auto")
+    sorted_only = grads(1e-45)  # sorts, slabs of zero mass only: summation order alone
+    coarse = grads(0.3)  # rows lose up to 30% of their mass
+    for got, want in zip(sorted_only, exact):
+        assert rel_err(got, want) < 1e-3
+    assert rel_err(auto[0], e64.grad) < GRAD_TOL[torch.bfloat16]
+    assert rel_err(auto[1], c64.grad) < GRAD_TOL[torch.bfloat16]
+    assert rel_err(coarse[0], exact[0]) > 1e-2  # skipping really happens
+    # The auto budget skips work on these peaked rows: count the (slab, row) pairs it keeps.
+    with torch.no_grad():
+        perm = triton_impl.vocab_order(e, c, None)
+        table = torch.empty((gemm_impl.n_slabs(N, v), N), dtype=torch.float32, device=DEVICE)
+        lse = gemm_impl.forward_stats(e, c, None, t, perm=perm, slab_lse=table)[0]
+        sorted_targets, _ = gemm_impl._permuted(t, None, perm, v)
+        ones = torch.ones(N, device=DEVICE)
+        keep = gemm_impl.kept_rows(table, lse, ones, -ones, sorted_targets, gemm_impl.slab_columns(N, v),
+                                   auto_filter_eps(torch.bfloat16))
+    assert keep.float().mean() < 0.9
 
 
 def test_module_form():

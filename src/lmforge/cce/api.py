@@ -184,10 +184,12 @@ def linear_cross_entropy(e, c, targets, *, bias=None, ignore_index=-100, softcap
         z_loss: adds z_loss * lse^2 per token (PaLM's auxiliary loss).
         return_lse: also return the per-token log-sum-exp (shape of the per-token loss).
         filter_eps: gradient filtering threshold; "auto" picks it from the dtype (see
-            :func:`auto_filter_eps`), None computes exact gradients. Only the Triton backend filters.
+            :func:`auto_filter_eps`), None computes exact gradients. The "triton" and "gemm" backends
+            filter (the triton one skips logit tiles, the gemm one skips a row's lightest vocabulary slabs);
+            "torch" is always exact.
         impl: "triton" (fused kernels; CUDA, or CPU under TRITON_INTERPRET=1), "gemm" (cuBLAS logit
             slabs of ``LMFORGE_CCE_SLAB_MB`` (128) MiB with Triton passes over them: faster on the H200, one
-            slab of workspace, no filtering; see :mod:`lmforge.cce.gemm_impl`), "torch" (chunked, exact,
+            slab of workspace; see :mod:`lmforge.cce.gemm_impl`), "torch" (chunked, exact,
             any device) or "auto" ("gemm" on CUDA, "torch" elsewhere).
         process_group: vocabulary parallelism (:mod:`lmforge.cce.parallel`): ``c`` (and ``bias``) hold this
             rank's block of classifier rows, ``e`` and ``targets`` (global ids) are the same on every rank of

@@ -49,8 +49,14 @@ class LinearStats(torch.autograd.Function):
                                                          need_sum=need_sum, need_mu=need_mu,
                                                          perm=perm, map_sub=map_sub)
         elif impl == "gemm":
-            stats = gemm_impl.forward_stats(e, c, bias, targets, softcap=softcap,
-                                            need_sum=need_sum, need_mu=need_mu)
+            # Filtering: the vocabulary sorted by mean logit, and each row's softmax mass per slab, so the
+            # backward knows which rows each slab may skip without recomputing anything.
+            if filter_eps is not None and not need_sum and not need_mu and any(ctx.needs_input_grad[:3]):
+                perm = triton_impl.vocab_order(e, c, bias)
+                tile_map = torch.empty((gemm_impl.n_slabs(e.shape[0], c.shape[0]), e.shape[0]),
+                                       dtype=torch.float32, device=e.device)
+            stats = gemm_impl.forward_stats(e, c, bias, targets, softcap=softcap, need_sum=need_sum,
+                                            need_mu=need_mu, perm=perm, slab_lse=tile_map)
         else:
             stats = chunked.forward_stats(e, c, bias, targets, softcap=softcap,
                                           need_sum=need_sum, need_mu=need_mu)
@@ -80,7 +86,8 @@ class LinearStats(torch.autograd.Function):
         elif ctx.impl == "gemm":
             de, dc, db = gemm_impl.backward(e, c, bias, targets, lse, mean_logit, *grads,
                                             softcap=ctx.softcap, need_de=need_de, need_dc=need_dc,
-                                            need_db=need_db)
+                                            need_db=need_db, perm=perm, slab_lse=tile_map,
+                                            filter_eps=ctx.filter_eps)
         else:
             de, dc, db = chunked.backward(e, c, bias, targets, lse, mean_logit, *grads,
                                           softcap=ctx.softcap, need_de=need_de, need_dc=need_dc,

@@ -5,7 +5,8 @@ Z = E C[slab]^T in float32 (N x S), and needs two memory-bound passes over it:
 
 * ``slab_stats_kernel`` folds the slab into running per-row statistics (max, sum of exp relative to it,
   softmax-weighted logit sum, plain logit sum, target logit), read-modify-write, so slabs are visited one
-  after the other and nothing of size N x V ever exists;
+  after the other and nothing of size N x V ever exists; optionally it stores each row's log-sum-exp
+  over the slab (the slab's share of the row's softmax mass, for the filtered backward);
 * ``slab_grad_kernel`` turns the slab into the logit gradient dz, written *in place* over Z in the
   inputs' dtype: row i's dz occupies the first bytes of row i's Z (a bf16 view with row stride 2S).
   One program owns whole rows and walks their columns left to right, so it only overwrites columns it
@@ -34,21 +35,22 @@ def _capped(z, Bias, cols, col_ok, softcap, HAS_BIAS: tl.constexpr, HAS_SOFTCAP:
 
 @triton.jit
 def slab_stats_kernel(
-    Z, Bias, Targets, M, S, W, Sum, Tgt,
+    Z, Bias, Targets, M, S, W, Sum, Tgt, SlabLse,
     N, slab_cols, slab_start, stride_zn, softcap,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, NEED_SUM: tl.constexpr, NEED_MU: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+    NEED_SLAB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
+    # The slab's own statistics first (max, sum of exp, softmax-weighted logit sum), folded into the
+    # running ones once at the end: the same work as folding step by step, and the slab's log-sum-exp
+    # (its share of each row's softmax mass, which the filtered backward reads) comes for free.
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     targets = tl.load(Targets + rows, mask=row_ok, other=-1).to(tl.int64)
-    m = tl.load(M + rows, mask=row_ok, other=0.0)
-    s = tl.load(S + rows, mask=row_ok, other=0.0)
     tgt = tl.load(Tgt + rows, mask=row_ok, other=0.0)
-    w = tl.zeros((BLOCK_N,), tl.float32)
+    m_slab = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    s_slab = tl.zeros((BLOCK_N,), tl.float32)
+    w_slab = tl.zeros((BLOCK_N,), tl.float32)
     zsum = tl.zeros((BLOCK_N,), tl.float32)
-    if NEED_MU:
-        w = tl.load(W + rows, mask=row_ok, other=0.0)
     if NEED_SUM:
         zsum = tl.load(Sum + rows, mask=row_ok, other=0.0)
     for v0 in range(0, slab_cols, BLOCK_V):
@@ -59,24 +61,32 @@ def slab_stats_kernel(
                     mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         z, _ = _capped(z, Bias, cols, col_ok, softcap, HAS_BIAS, HAS_SOFTCAP)
         zm = tl.where(col_ok[None, :], z, float("-inf"))
-        m_new = tl.maximum(m, tl.max(zm, axis=1))  # finite: every step holds at least one column
-        scale = tl.exp(m - m_new)
+        m_new = tl.maximum(m_slab, tl.max(zm, axis=1))  # finite: every step holds at least one column
+        scale = tl.exp(m_slab - m_new)
         p = tl.exp(zm - m_new[:, None])
-        s = s * scale + tl.sum(p, axis=1)
+        s_slab = s_slab * scale + tl.sum(p, axis=1)
         if NEED_MU:
-            w = w * scale + tl.sum(tl.where(col_ok[None, :], p * z, 0.0), axis=1)
+            w_slab = w_slab * scale + tl.sum(tl.where(col_ok[None, :], p * z, 0.0), axis=1)
         if NEED_SUM:
             zsum += tl.sum(tl.where(col_ok[None, :], z, 0.0), axis=1)
         hit = (cols[None, :] == targets[:, None]) & col_ok[None, :]
         tgt += tl.sum(tl.where(hit, z, 0.0), axis=1)
-        m = m_new
-    tl.store(M + rows, m, mask=row_ok)
-    tl.store(S + rows, s, mask=row_ok)
+        m_slab = m_new
+    m = tl.load(M + rows, mask=row_ok, other=0.0)
+    s = tl.load(S + rows, mask=row_ok, other=0.0)
+    m_new = tl.maximum(m, m_slab)
+    old_scale = tl.exp(m - m_new)  # 0 on the first slab (m = -inf)
+    slab_scale = tl.exp(m_slab - m_new)
+    tl.store(M + rows, m_new, mask=row_ok)
+    tl.store(S + rows, s * old_scale + s_slab * slab_scale, mask=row_ok)
     tl.store(Tgt + rows, tgt, mask=row_ok)
     if NEED_MU:
-        tl.store(W + rows, w, mask=row_ok)
+        w = tl.load(W + rows, mask=row_ok, other=0.0)
+        tl.store(W + rows, w * old_scale + w_slab * slab_scale, mask=row_ok)
     if NEED_SUM:
         tl.store(Sum + rows, zsum, mask=row_ok)
+    if NEED_SLAB:
+        tl.store(SlabLse + rows, m_slab + tl.log(s_slab), mask=row_ok)
 
 
 @triton.jit
