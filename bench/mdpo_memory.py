@@ -18,6 +18,9 @@ the same seed, one after another in this process:
     lmforge_compiled, lmforge_two_pass_compiled
                       the same with compile_layers=True (torch.compile of every decoder layer; compiled in
                       the warm-up step)
+    lmforge_two_pass2_compiled
+                      two_pass and compiled layers with two sequences per pass (rows_per_forward=2): half
+                      the passes of lmforge_two_pass_compiled, whose one-sequence passes are launch-bound
     trl               trl.DPOTrainer defaults for a PEFT model: the reference log-probs come from the same
                       model with the adapter disabled, inside every step
     trl_precomputed   trl.DPOTrainer with precompute_ref_log_probs=True (reference pass before training)
@@ -59,12 +62,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sft_memory import GEMMA2_2B_SIZES, TINY_SIZES  # noqa: E402  (a sibling script: one definition of the shapes)
 
-CONTENDERS = ("lmforge", "lmforge_rows1", "lmforge_two_pass", "lmforge_compiled", "lmforge_two_pass_compiled", "trl",
-              "trl_precomputed", "trl_liger")
+CONTENDERS = ("lmforge", "lmforge_rows1", "lmforge_two_pass", "lmforge_compiled", "lmforge_two_pass_compiled",
+              "lmforge_two_pass2_compiled", "trl", "trl_precomputed", "trl_liger")
 LMFORGE_OPTIONS = {"lmforge": {}, "lmforge_rows1": {"rows_per_forward": 1},
                    "lmforge_two_pass": {"rows_per_forward": 1, "two_pass": True},
                    "lmforge_compiled": {"compile_layers": True},
-                   "lmforge_two_pass_compiled": {"rows_per_forward": 1, "two_pass": True, "compile_layers": True}}
+                   "lmforge_two_pass_compiled": {"rows_per_forward": 1, "two_pass": True, "compile_layers": True},
+                   "lmforge_two_pass2_compiled": {"rows_per_forward": 2, "two_pass": True, "compile_layers": True}}
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>")  # ids 0, 1, 2; then one token per byte (id = byte + 3)
 BETA = 0.1
 LEARNING_RATE = 1e-4
