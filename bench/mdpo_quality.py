@@ -93,6 +93,8 @@ class QualitySettings:
     iterations / n_prompts / samples_per_prompt / temperature: the loop (n_prompts split over iterations).
     max_tool_calls / max_new_tokens_per_turn / max_total_tokens / rollout_batch_size: every rollout.
     pairs_per_prompt, beta, learning_rate, max_steps, batch_size, warmup: the preference training.
+    nll_coef: the weight of the NLL term on the chosen trajectory (M-DPO and DPO; default 0, the paper's
+        loss; the loss's own option, see :func:`lmforge.prefs.losses.m_dpo_loss`).
     losses: the compared losses.
     """
 
@@ -117,6 +119,7 @@ class QualitySettings:
     rollout_batch_size: int = 32
     pairs_per_prompt: int = 2
     beta: float = 0.1
+    nll_coef: float = 0.0
     learning_rate: float = 5e-5
     max_steps: int = 3
     batch_size: int = 4
@@ -148,7 +151,7 @@ class QualitySettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
-        for name in ("temperature", "warmup"):
+        for name in ("temperature", "warmup", "nll_coef"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
@@ -189,6 +192,7 @@ def loop_config(settings: QualitySettings, loss: str, seed: int, run_dir: Path, 
         max_tool_calls=settings.max_tool_calls, max_new_tokens_per_turn=settings.max_new_tokens_per_turn,
         max_total_tokens=settings.max_total_tokens, rollout_batch_size=settings.rollout_batch_size,
         pairs_per_prompt=settings.pairs_per_prompt, loss=loss, beta=settings.beta, reference="previous",
+        nll_coef=settings.nll_coef if loss in ("m_dpo", "dpo") else 0.0,
         learning_rate=settings.learning_rate, max_steps=settings.max_steps, batch_size=settings.batch_size,
         warmup=settings.warmup, precision="auto", cce_impl="auto", save_steps=max(1, settings.max_steps),
         eval_data=str(heldout), eval_problems=settings.eval_problems, eval_samples=0, pass_k=[1])
@@ -473,7 +477,9 @@ def markdown_report(summary: Mapping) -> str:
         f"<= {settings['pairs_per_prompt']} pairs per prompt; reference = the previous iteration's policy",
         f"- training per iteration: {settings['max_steps']} AdamW steps of {settings['batch_size']} pairs "
         f"(M-KTO: trajectories) on the policy's LoRA adapter, lr {settings['learning_rate']:g} "
-        f"(warm-up {settings['warmup']:g}, cosine), beta {settings['beta']:g}",
+        f"(warm-up {settings['warmup']:g}, cosine), beta {settings['beta']:g}"
+        + (f", NLL term on the chosen trajectory x {settings['nll_coef']:g} (M-DPO, DPO)"
+           if settings.get("nll_coef") else ""),
         f"- seeds: {', '.join(map(str, seeds))}; runs took {summary['runs_seconds']:.0f} s of this invocation "
         f"(estimate beforehand {summary['estimate_seconds']:.0f} s); whole invocation {summary['wall_seconds']:.0f} s",
         "",
@@ -579,6 +585,9 @@ def resolve_settings(runs_dir: Path, settings: QualitySettings, sft: str | None)
     path = runs_dir / SETTINGS_FILE
     if path.is_file():
         saved = json.loads(path.read_text())
+        for field in dataclasses.fields(QualitySettings):  # settings added later keep their defaults
+            if field.name not in saved["settings"] and field.default is not dataclasses.MISSING:
+                saved["settings"][field.name] = field.default
         if saved != record:
             changed = sorted(k for k in record["settings"] if saved["settings"].get(k) != record["settings"][k])
             if saved.get("sft") != sft:

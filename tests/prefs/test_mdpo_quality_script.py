@@ -9,6 +9,7 @@ The tiny model never answers correctly, so the sampling stages get the scripted 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -104,9 +105,29 @@ def test_settings_are_checked():
     for options, match in [(dict(levels=[9]), "levels must be"), (dict(losses=["orpo"]), "losses must be"),
                            (dict(losses=["m_dpo", "m_dpo"]), "losses must be"), (dict(max_steps=0), "max_steps"),
                            (dict(samples_per_prompt=1), "samples_per_prompt must be >= 2"),
-                           (dict(skills=["calculus"]), "skills must be"), (dict(learning_rate=0), "learning_rate")]:
+                           (dict(skills=["calculus"]), "skills must be"), (dict(learning_rate=0), "learning_rate"),
+                           (dict(nll_coef=-1.0), "nll_coef must be")]:
         with pytest.raises(ValueError, match=match):
             quality.QualitySettings(**options)
+
+
+def test_the_nll_term_reaches_the_dpo_losses_only(tmp_path):
+    settings = quality.QualitySettings(nll_coef=0.5)
+    common = dict(sft_adapter="unused", heldout=tmp_path, model=None, device="cpu", progress=False)
+    coefs = {loss: quality.loop_config(settings, loss, 0, tmp_path / loss, **common).nll_coef
+             for loss in ("m_dpo", "dpo", "m_kto")}
+    assert coefs == {"m_dpo": 0.5, "dpo": 0.5, "m_kto": 0.0}
+
+
+def test_a_runs_dir_frozen_before_a_setting_existed_still_resumes(tmp_path):
+    settings = quality.QualitySettings()
+    quality.resolve_settings(tmp_path, settings, None)
+    saved = json.loads((tmp_path / quality.SETTINGS_FILE).read_text())
+    del saved["settings"]["nll_coef"]  # as written before the option existed
+    (tmp_path / quality.SETTINGS_FILE).write_text(json.dumps(saved))
+    quality.resolve_settings(tmp_path, settings, None)  # the default it had: accepted
+    with pytest.raises(ValueError, match=r"changed: \['nll_coef'\]"):
+        quality.resolve_settings(tmp_path, dataclasses.replace(settings, nll_coef=1.0), None)
 
 
 def test_shortcuts_equal_what_the_loop_computes_itself(tmp_path, tiny_base, monkeypatch):
