@@ -107,6 +107,12 @@ def check_int(name: str, value: Any, *, minimum: int) -> None:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
+def check_optional_string(name: str, value: Any) -> None:
+    """TypeError unless ``value`` is None or a non-empty string."""
+    if value is not None and (not isinstance(value, str) or not value):
+        raise TypeError(f"{name} must be None or a non-empty string, got {value!r}")
+
+
 def check_number(name: str, value: Any, *, low: float | None = None, high: float | None = None,
                  low_open: bool = False, high_open: bool = False) -> None:
     """TypeError unless ``value`` is a finite real number; ValueError outside [low, high] (open ends on request)."""

@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from lmforge.config import check_optional_string
+
 if TYPE_CHECKING:  # pragma: no cover - imports for type hints only
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -399,8 +401,7 @@ def load_model(
         raise TypeError(f"lora must be a LoraAdapterConfig, a folder path or None, got {type(lora).__name__}: {lora!r}")
     if isinstance(lora, (str, os.PathLike)):
         check_lora_folder(Path(lora).expanduser())
-    if attn_implementation is not None and (not isinstance(attn_implementation, str) or not attn_implementation):
-        raise TypeError(f"attn_implementation must be None or a non-empty string, got {attn_implementation!r}")
+    check_optional_string("attn_implementation", attn_implementation)
 
     if name_or_path is None:
         source: Path | str = embedded_model_folder()

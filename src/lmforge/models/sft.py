@@ -72,8 +72,8 @@ from typing import Any
 import torch
 import yaml
 
-from lmforge.config import (add_config_arguments, check_choice, check_int, check_number, check_resumable,
-                            config_from_args)
+from lmforge.config import (add_config_arguments, check_choice, check_int, check_number, check_optional_string,
+                            check_resumable, config_from_args)
 from lmforge.files import read_jsonl, write_text_atomic
 
 logger = logging.getLogger(__name__)
@@ -230,10 +230,7 @@ class SFTConfig:
         from lmforge.cce.api import IMPLS
 
         check_choice("cce_impl", self.cce_impl, IMPLS)
-        if self.attn_implementation is not None and (not isinstance(self.attn_implementation, str)
-                                                     or not self.attn_implementation):
-            raise TypeError(f"attn_implementation must be None or a non-empty string, got "
-                            f"{self.attn_implementation!r}")
+        check_optional_string("attn_implementation", self.attn_implementation)
 
     @property
     def resolved_learning_rate(self) -> float:

@@ -51,7 +51,7 @@ from typing import Any
 import torch
 import yaml
 
-from lmforge.config import add_config_arguments, check_int, config_from_args
+from lmforge.config import add_config_arguments, check_int, check_optional_string, config_from_args
 from lmforge.files import write_text_atomic
 from lmforge.prefs.trainer import PrefTrainConfig, use_bf16
 
@@ -182,10 +182,7 @@ class MDPOLoopConfig:
         if not isinstance(self.output_dir, (str, os.PathLike)) or not os.fspath(self.output_dir):
             raise TypeError(f"output_dir must be a non-empty path string, got {self.output_dir!r}")
         self.output_dir = os.fspath(self.output_dir)
-        if self.attn_implementation is not None and (not isinstance(self.attn_implementation, str)
-                                                     or not self.attn_implementation):
-            raise TypeError(f"attn_implementation must be None or a non-empty string, got "
-                            f"{self.attn_implementation!r}")
+        check_optional_string("attn_implementation", self.attn_implementation)
         for name in ("iterations", "n_prompts", "samples_per_prompt", "max_new_tokens_per_turn",
                      "max_total_tokens", "rollout_batch_size", "pairs_per_prompt", "eval_problems"):
             check_int(name, getattr(self, name), minimum=1)
