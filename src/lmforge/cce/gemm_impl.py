@@ -19,7 +19,8 @@ visits the vocabulary sorted by mean logit (:func:`lmforge.cce.triton_impl.vocab
 row's log-sum-exp over each slab (N x n_slabs floats), so the backward knows each row's softmax mass per
 slab without recomputing anything. Each row drops its lightest slabs while their summed mass stays
 <= filter_eps (:func:`kept_rows`); a slab's three products then run over the gathered rows that keep it.
-On SmolLM2's real activations (4096-column slabs, filter_eps 2^-12) rows keep ~46% of (slab, row) pairs.
+On SmolLM2's real activations (8192 tokens, 4096-column slabs, filter_eps 2^-12) rows keep 47% of (slab, row)
+pairs (72% without the sort).
 """
 
 from __future__ import annotations
