@@ -33,7 +33,8 @@ SmolLM2-135M-Instruct, by more than the seed-to-seed spread? One command does th
 Resumable: the SFT, the SFT evaluation and every run have their own folders under ``--runs-dir``;
 running the same command again skips what is finished and resumes an interrupted run (the loop resumes at
 its stage boundaries). The settings are frozen in ``<runs-dir>/settings.json``; other settings on the same
-folder are refused.
+folder are refused, except ``--losses`` and ``--seeds``, which select runs: a later call may add losses or
+seeds to an experiment (with its ``--name``, its report covers the runs it selects).
 
 Time: after the SFT evaluation the script prints an estimate scaled from its timing; after every run, an
 updated one from the runs measured so far. The defaults are sized for about an hour on two shared CPU
@@ -588,6 +589,9 @@ def resolve_settings(runs_dir: Path, settings: QualitySettings, sft: str | None)
         for field in dataclasses.fields(QualitySettings):  # settings added later keep their defaults
             if field.name not in saved["settings"] and field.default is not dataclasses.MISSING:
                 saved["settings"][field.name] = field.default
+        # The losses, like the seeds, select runs: a later call may run others on the same folder.
+        saved = {**saved, "settings": {k: v for k, v in saved["settings"].items() if k != "losses"}}
+        record = {**record, "settings": {k: v for k, v in record["settings"].items() if k != "losses"}}
         if saved != record:
             changed = sorted(k for k in record["settings"] if saved["settings"].get(k) != record["settings"][k])
             if saved.get("sft") != sft:

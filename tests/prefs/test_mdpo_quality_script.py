@@ -128,6 +128,8 @@ def test_a_runs_dir_frozen_before_a_setting_existed_still_resumes(tmp_path):
     quality.resolve_settings(tmp_path, settings, None)  # the default it had: accepted
     with pytest.raises(ValueError, match=r"changed: \['nll_coef'\]"):
         quality.resolve_settings(tmp_path, dataclasses.replace(settings, nll_coef=1.0), None)
+    # The losses select runs, like the seeds: another selection on the same folder is accepted.
+    quality.resolve_settings(tmp_path, dataclasses.replace(settings, losses=["dpo", "m_kto"]), None)
 
 
 def test_shortcuts_equal_what_the_loop_computes_itself(tmp_path, tiny_base, monkeypatch):
