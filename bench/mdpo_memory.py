@@ -185,7 +185,8 @@ def lora_settings(rank: int) -> dict:
 
 def checkpointed(model) -> bool:
     """Whether activation checkpointing is switched on in the model's decoder layers."""
-    return any(getattr(module, "gradient_checkpointing", False) for module in model.modules())
+    return any(getattr(module, "gradient_checkpointing", False) or getattr(module, "_lmforge_checkpointed", False)
+               for module in model.modules())
 
 
 def synchronize(device: torch.device) -> None:

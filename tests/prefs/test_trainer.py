@@ -29,7 +29,10 @@ from lmforge.prefs.trainer import (
     REFERENCE_FILENAME,
     PrefTrainConfig,
     SequenceScorer,
+    _lora_input_casts_off,
     batch_order,
+    checkpoint_decoder_layers,
+    compile_decoder_layers,
     learning_rate_factor,
     prepare_batches,
     preference_loss,
@@ -340,6 +343,85 @@ def test_compiled_layers_train_the_eager_weights(tmp_path):
         states[name] = trainable_state(result["model"])
     for key, value in states["eager"].items():
         torch.testing.assert_close(states["compiled"][key], value, rtol=0, atol=2e-6)
+
+
+def _saved_bytes_and_grads(policy, ids, mask):
+    """Bytes autograd keeps for the backward of one scoring pass, and the LoRA gradients it gives."""
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor.numel() * tensor.element_size())
+        return tensor
+
+    policy.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        total = SequenceScorer(policy, "torch")(ids, torch.ones_like(ids), mask).sum()
+    total.backward()
+    grads = {n: p.grad.clone() for n, p in policy.named_parameters() if p.requires_grad}
+    return sum(saved), grads
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_checkpointed_layers_keep_less_and_give_the_same_gradients(compiled):
+    # lmforge's own layer checkpoint (inside what torch.compile traces): the backward must see only the
+    # layers' inputs, not their intermediates, and the gradients must not move.
+    ids = torch.randint(3, 100, (2, 40), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[:, :8] = 0
+    plain_bytes, plain_grads = _saved_bytes_and_grads(lora_policy(seed=16), ids, mask)
+    policy = lora_policy(seed=16)
+    assert checkpoint_decoder_layers(policy) == 2
+    assert checkpoint_decoder_layers(policy) == 2  # a second call wraps nothing twice
+    if compiled:
+        compile_decoder_layers(policy)
+    bytes_, grads = _saved_bytes_and_grads(policy, ids, mask)
+    assert bytes_ < 0.5 * plain_bytes
+    for name, value in plain_grads.items():
+        torch.testing.assert_close(grads[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    policy.eval()  # no checkpoint without training mode: the layers run as they are
+    with torch.no_grad():
+        plain = SequenceScorer(lora_policy(seed=16), "torch")(ids, torch.ones_like(ids), mask)
+        torch.testing.assert_close(SequenceScorer(policy, "torch")(ids, torch.ones_like(ids), mask), plain,
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_lora_input_casts_off_under_autocast_changes_nothing_but_memory():
+    # A bf16 base with float32 LoRA weights under bf16 autocast (the GPU set-up): without PEFT's cast of the
+    # input to float32 the products are the same (autocast casts to bf16 either way), and the float32
+    # copies of every LoRA layer's input are never made.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Float32Copies(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.bytes = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten._to_copy.default and out.dtype == torch.float32:
+                self.bytes += out.numel() * 4
+            return out
+
+    ids = torch.randint(3, 100, (2, 40), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[:, 0] = 0
+    results = {}
+    for casts_off in (False, True):
+        policy = lora_policy(seed=17)
+        for name, parameter in policy.named_parameters():
+            if "lora_" not in name:
+                parameter.data = parameter.data.to(torch.bfloat16)
+        copies = Float32Copies()
+        with torch.autocast("cpu", dtype=torch.bfloat16), _lora_input_casts_off(policy, casts_off), copies:
+            total = SequenceScorer(policy, "torch")(ids, torch.ones_like(ids), mask).sum()
+            total.backward()
+        grads = {n: p.grad.float() for n, p in policy.named_parameters() if p.requires_grad}
+        results[casts_off] = (float(total), grads, copies.bytes)
+    assert results[True][0] == results[False][0]
+    for name, value in results[False][1].items():
+        torch.testing.assert_close(results[True][1][name], value, rtol=0, atol=0, msg=name)
+    # the tiny Llama: 2 layers x 7 LoRA inputs of 2 x 40 tokens (6 are 64 wide, down_proj's 128), 4 bytes each
+    assert results[False][2] - results[True][2] >= 2 * 80 * (6 * 64 + 128) * 4
 
 
 @pytest.mark.parametrize("loss", ["m_dpo", "m_kto"])

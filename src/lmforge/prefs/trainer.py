@@ -70,6 +70,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -78,6 +79,7 @@ import os
 import random
 import shutil
 import time
+import types
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -452,7 +454,8 @@ def compute_reference_logps(model: nn.Module, batches: Sequence[Mapping[str, tor
     try:
         for batch in tqdm(batches, desc="reference log-probs", disable=not progress):
             batch = {key: value.to(device) for key, value in batch.items()}
-            with _autocast(device, use_bf16(config.precision)), \
+            bf16 = use_bf16(config.precision)
+            with _autocast(device, bf16), _lora_input_casts_off(model, bf16), \
                     (model.disable_adapter() if disable_adapter else contextlib.nullcontext()):
                 if config.is_kto:
                     entry = {"ref_logps": _score(scorer, batch, ""), "ref_kl_logps": _score(scorer, batch, "kl_")}
@@ -591,11 +594,18 @@ def prepare_model(model: nn.Module, config: PrefTrainConfig) -> nn.Module:
     return model
 
 
-def _enable_checkpointing(model: nn.Module) -> None:
+def _enable_checkpointing(model: nn.Module, *, inside_layers: bool = False) -> None:
     """Non-reentrant activation checkpointing of every decoder layer (non-reentrant needs no input gradients
-    with LoRA). transformers renamed gradient_checkpointing to activation_checkpointing; use what exists."""
+    with LoRA). transformers renamed gradient_checkpointing to activation_checkpointing; use what exists.
+
+    ``inside_layers``: checkpoint each layer's ``forward`` with lmforge's own wrapper instead of transformers'
+    switch (see :func:`checkpoint_decoder_layers`), so that a compiled layer also compiles its recomputation.
+    """
     from lmforge.cce.patch import unwrap_causal_lm
 
+    if inside_layers:
+        checkpoint_decoder_layers(model)
+        return
     causal_lm = unwrap_causal_lm(model)
     if hasattr(causal_lm, "activation_checkpointing_enable"):
         causal_lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -603,18 +613,81 @@ def _enable_checkpointing(model: nn.Module) -> None:
         causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def compile_decoder_layers(model: nn.Module) -> int:
-    """``torch.compile`` each decoder layer of a transformers (or PEFT-wrapped) model in place; returns
-    how many were compiled. The layers are the modules whose class the model names in
-    ``_no_split_modules`` (what accelerate and FSDP treat as blocks). Layers compiled already are left
-    as they are, so a caller may compile before computing reference log-probs with the same kernels."""
+def _decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The decoder layers: modules whose class the model names in ``_no_split_modules`` (what accelerate
+    and FSDP treat as blocks)."""
     from lmforge.cce.patch import unwrap_causal_lm
 
     block_names = set(getattr(unwrap_causal_lm(model), "_no_split_modules", None) or ())
     layers = [module for module in model.modules() if type(module).__name__ in block_names]
     if not layers:
-        raise ValueError(f"compile_layers: {type(unwrap_causal_lm(model)).__name__} names no decoder layer class "
-                         f"in _no_split_modules")
+        raise ValueError(f"{type(unwrap_causal_lm(model)).__name__} names no decoder layer class in "
+                         f"_no_split_modules")
+    return layers
+
+
+def checkpoint_decoder_layers(model: nn.Module) -> int:
+    """Checkpoint every decoder layer through its ``forward`` (non-reentrant), in place; returns how many.
+
+    transformers (up to 5.17 at least) checkpoints around a layer's ``__call__``, outside what
+    ``torch.compile`` of the layer traces: the backward's recomputation of a compiled layer then runs
+    eagerly, op by op, and keeps every unfused intermediate (on a Gemma 2 2B layer with LoRA, a float32
+    copy of the MLP activations among them). Wrapping ``forward`` puts the checkpoint inside the compiled
+    region, where the recomputation is compiled (fused) too. transformers' own switch is turned off on
+    these layers so nothing is checkpointed twice. Only training-mode forwards with gradients are
+    checkpointed; the results are those of the plain layer.
+    """
+    layers = _decoder_layers(model)
+    for layer in layers:
+        if getattr(layer, "_lmforge_checkpointed", False):
+            continue
+        if hasattr(layer, "gradient_checkpointing"):
+            layer.gradient_checkpointing = False
+        # One function shared by every layer (bound to it), not a closure per layer: torch.compile guards
+        # closures by identity, so per-layer closures would compile the layer once per instance.
+        layer.forward = types.MethodType(_checkpointed_forward, layer)
+        layer._lmforge_checkpointed = True
+    return len(layers)
+
+
+def _checkpointed_forward(self, *args, **kwargs):
+    from torch.utils.checkpoint import checkpoint
+
+    forward = functools.partial(type(self).forward, self)
+    if self.training and torch.is_grad_enabled():
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    return forward(*args, **kwargs)
+
+
+def _lora_input_casts_off(model: nn.Module, bf16: bool):
+    """Under bf16 autocast, stop PEFT from casting a LoRA layer's input to the adapter's float32 dtype:
+    autocast casts it straight back to bf16 for the matmul, so the product is the same, but the float32
+    copy (4 bytes per element of the layer's input, e.g. 144 MiB at the MLP of a Gemma 2 2B layer over
+    4096 tokens) is gone. A no-op without autocast (then the cast is needed) or without PEFT."""
+    if not bf16:
+        return contextlib.nullcontext()
+    try:
+        from peft.helpers import disable_input_dtype_casting
+    except ImportError:  # pragma: no cover - peft is a dependency; older versions lack the switch
+        return contextlib.nullcontext()
+    return disable_input_dtype_casting(model)
+
+
+def compile_decoder_layers(model: nn.Module) -> int:
+    """``torch.compile`` each decoder layer of a transformers (or PEFT-wrapped) model in place; returns
+    how many were compiled. The layers are the modules whose class the model names in
+    ``_no_split_modules`` (what accelerate and FSDP treat as blocks). Layers compiled already are left
+    as they are, so a caller may compile before computing reference log-probs with the same kernels."""
+    try:
+        layers = _decoder_layers(model)
+    except ValueError as err:
+        raise ValueError(f"compile_layers: {err}") from None
+    # A layer needs a graph per grad mode, per requires_grad of its input (the first layer's comes from a
+    # frozen embedding), per PEFT input-cast setting and per shape class: more than dynamo's default 8, after
+    # which it would silently run the layer eagerly.
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
     for layer in layers:
         if getattr(layer, "_compiled_call_impl", None) is None:
             layer.compile()
@@ -868,7 +941,7 @@ def train_preferences(model: nn.Module, tokenizer: Any, data: PreferenceData | S
     model = prepare_model(model, config)  # with reference="base" (LoRA only), a PEFT model from here on
     set_seed(config.seed)  # dropout, if any; the data order is seeded on its own
     if config.gradient_checkpointing:
-        _enable_checkpointing(model)
+        _enable_checkpointing(model, inside_layers=config.compile_layers)
     model.to(device)
     if config.compile_layers:
         compile_decoder_layers(model)
@@ -951,7 +1024,8 @@ def train_preferences(model: nn.Module, tokenizer: Any, data: PreferenceData | S
                 # DDP averages gradients over processes, so each process's share is scaled by world_size.
                 weight = batch_size_of(batch) * world_size / step_items
                 last = position == len(mine[rank]) - 1
-                with (contextlib.nullcontext() if last and not manual_sync else accelerator.no_sync(scorer)):
+                with (contextlib.nullcontext() if last and not manual_sync else accelerator.no_sync(scorer)), \
+                        _lora_input_casts_off(model, bf16):
                     if config.two_pass:
                         output = two_pass_backward(scorer, batch, config, weight, device, bf16)
                     else:
