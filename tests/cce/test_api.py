@@ -353,9 +353,12 @@ def test_gemm_kept_rows_drop_the_lightest_slabs_within_the_budget():
     assert 0 < keep.float().mean() < 1
 
 
-def test_gemm_gradient_filter_skips_rows_and_stays_accurate(monkeypatch):
+@pytest.mark.parametrize("dense_share", [0.5, 1.0])
+def test_gemm_gradient_filter_skips_rows_and_stays_accurate(monkeypatch, dense_share):
     v = 800
     monkeypatch.setenv("LMFORGE_CCE_SLAB_MB", str(64 * N * 4 / 2**20))  # 64-column slabs: 13 of them
+    monkeypatch.setattr(gemm_impl, "FILTER_MIN_D", 1)  # these small test shapes filter too
+    monkeypatch.setattr(gemm_impl, "DENSE_SHARE", dense_share)  # 1.0: every partly kept slab is gathered
     g = torch.Generator().manual_seed(0)
     c = torch.randn(v, D, generator=g)
     t = torch.randint(0, v // 8, (N,), generator=g)
@@ -389,6 +392,26 @@ def test_gemm_gradient_filter_skips_rows_and_stays_accurate(monkeypatch):
         keep = gemm_impl.kept_rows(table, lse, ones, -ones, sorted_targets, gemm_impl.slab_columns(N, v),
                                    auto_filter_eps(torch.bfloat16))
     assert keep.float().mean() < 0.9
+
+
+def test_gemm_does_not_filter_below_its_minimum_hidden_size(monkeypatch):
+    # Below FILTER_MIN_D the GEMM path neither sorts nor filters: "auto" gives the exact gradients bit for
+    # bit. Above it (here forced with a tiny minimum) a coarse budget changes them.
+    monkeypatch.setenv("LMFORGE_CCE_SLAB_MB", str(16 * N * 4 / 2**20))  # 16-column slabs: 7 of them
+    e, c, t, _ = make_inputs(torch.bfloat16)
+    e, c = (x.detach().requires_grad_() for x in (e, c))
+
+    def grads(filter_eps):
+        e.grad = c.grad = None
+        linear_cross_entropy(e, c, t, impl="gemm", filter_eps=filter_eps).backward()
+        return e.grad.clone(), c.grad.clone()
+
+    monkeypatch.setattr(gemm_impl, "FILTER_MIN_D", D + 1)
+    exact, coarse = grads(None), grads(0.5)
+    for got, want in zip(coarse, exact):
+        assert torch.equal(got, want)
+    monkeypatch.setattr(gemm_impl, "FILTER_MIN_D", D)
+    assert not torch.equal(grads(0.5)[0], exact[0])
 
 
 def test_module_form():

@@ -185,8 +185,9 @@ def linear_cross_entropy(e, c, targets, *, bias=None, ignore_index=-100, softcap
         return_lse: also return the per-token log-sum-exp (shape of the per-token loss).
         filter_eps: gradient filtering threshold; "auto" picks it from the dtype (see
             :func:`auto_filter_eps`), None computes exact gradients. The "triton" and "gemm" backends
-            filter (the triton one skips logit tiles, the gemm one skips a row's lightest vocabulary slabs);
-            "torch" is always exact.
+            filter (the triton one skips logit tiles, the gemm one skips a row's lightest vocabulary slabs,
+            from hidden size ``gemm_impl.FILTER_MIN_D`` (1024) up, below which it is exact because
+            filtering there costs more than it saves); "torch" is always exact.
         impl: "triton" (fused kernels; CUDA, or CPU under TRITON_INTERPRET=1), "gemm" (cuBLAS logit
             slabs of ``LMFORGE_CCE_SLAB_MB`` (128) MiB with Triton passes over them: faster on the H200, one
             slab of workspace; see :mod:`lmforge.cce.gemm_impl`), "torch" (chunked, exact,

@@ -39,6 +39,18 @@ if HAS_TRITON:
 DEFAULT_SLAB_BYTES = 128 << 20
 # The filtered backward updates the gathered rows of the fp32 dE through blocks of at most this size.
 DE_BLOCK_BYTES = 16 << 20
+# Gradient filtering runs only from this hidden size up: below it the slab products are so cheap that the
+# sort, the per-slab gathers and the scatters cost more than the skipped work (measured on the H200 at
+# D = 576: 10.6 ms forward+backward filtered vs 5.1 ms exact; at D = 2304 filtering won, 48.6 vs 67.1 ms).
+FILTER_MIN_D = 1024
+# A slab whose kept rows exceed this share of all rows runs over every row: the few rows saved do not pay
+# for the gathers (E rows, six per-row vectors, a gather and scatter of fp32 dE).
+DENSE_SHARE = 0.9
+
+
+def filters(d: int) -> bool:
+    """Whether the GEMM path filters gradients at hidden size ``d`` (see FILTER_MIN_D)."""
+    return d >= FILTER_MIN_D
 
 
 def slab_columns(n: int, vocab: int, slab_bytes: int | None = None) -> int:
@@ -188,9 +200,18 @@ def backward(e, c, bias, targets, lse, mean_logit, g_lse, g_tgt, g_sum, g_mu, *,
     cols_per_slab = slab_columns(n, vocab, slab_bytes)
     cfg = _blocks(e.device)
     slab_targets, slab_bias = _permuted(targets, bias, perm, vocab)
-    keep = None
+    counts, gathered = None, {}
     if filter_eps is not None and slab_lse is not None and g_sum is None and g_mu is None:
         keep = kept_rows(slab_lse, lse, g_lse, g_tgt, slab_targets, cols_per_slab, filter_eps)
+        # Two host syncs for the whole plan (a count per slab, the rows of the slabs to gather), not one
+        # per slab: each sync idles the GPU while the next slab's launches queue.
+        counts = keep.sum(dim=1).tolist()
+        chosen = [i for i, count in enumerate(counts) if 0 < count <= DENSE_SHARE * n]
+        if chosen:
+            picked = keep.index_select(0, torch.tensor(chosen, device=keep.device))
+            rows_flat = torch.nonzero(picked)[:, 1]  # slab-major, rows ascending within a slab
+            gathered = dict(zip(chosen, torch.split(rows_flat, [counts[i] for i in chosen])))
+        del keep
     buffer = torch.empty(n * cols_per_slab, dtype=torch.float32, device=e.device)
     de32 = torch.zeros((n, d), dtype=torch.float32, device=e.device) if need_de else None
     dc = torch.empty_like(c, memory_format=torch.contiguous_format) if need_dc else None
@@ -210,10 +231,8 @@ def backward(e, c, bias, targets, lse, mean_logit, g_lse, g_tgt, g_sum, g_mu, *,
         dc_slab = None
         if need_dc:
             dc_slab = dc[start:start + cols] if perm is None else dc_buffer[:cols]
-        rows = None if keep is None else torch.nonzero(keep[index]).squeeze(1)
-        if rows is not None and rows.numel() == n:
-            rows = None  # every row kept: the dense products, no gathers
-        if rows is not None and rows.numel() == 0:
+        rows = gathered.get(index)  # None: every row (all kept, or so many that gathering does not pay)
+        if counts is not None and counts[index] == 0:
             if dc_slab is not None:
                 dc_slab.zero_()
         else:
