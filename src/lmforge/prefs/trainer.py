@@ -159,7 +159,9 @@ class PrefTrainConfig:
             ``_no_split_modules``; the CCE head stays as it is). Inductor fuses the layers' elementwise
             work (norms, softcapping, GeGLU, LoRA), which cuts kernel launches (what bounds small
             ``rows_per_forward`` passes) and the activations a layer keeps. The first steps pay the
-            compilation (a graph per layer kind, with and without gradients).
+            compilation (a graph per layer kind, with and without gradients). With gradient_checkpointing
+            the trainer checkpoints inside each compiled layer (:func:`checkpoint_decoder_layers`), so the
+            backward's recomputation is compiled too.
         cce_impl: implementation of lmforge.cce used for every log-prob ("auto", "torch", "triton").
 
     Optimisation (AdamW; linear warm-up, then cosine decay to 0):
