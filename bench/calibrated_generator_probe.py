@@ -29,7 +29,7 @@ CLUSTERED = dict(clusters=3072, k=4, level=7.0, decay=1.0, jitter=1.0, alpha=1.0
 
 SOLVED = dict(clusters=3072, k=4, level=7.0, decay=1.0, jitter=1.0, alpha=0.5, zipf=0.8, background=0.5,
            w_lo=0.8, sigma_u=0.3, doc_len=160, pool=12, local=0.8, entropy_mean=1.55, entropy_shape=3.0,
-           tail_median=0.012, tail_sigma=1.06, rounds=12, iters=12)
+           tail_median=0.012, tail_sigma=1.06, rounds=12, iters=12, kappa=4.0, lam=15.0, prior_scale=1.0)
 
 @torch.no_grad()
 def gen_clustered(n, d, v, seed=0, chunk=512, **kw):
@@ -133,7 +133,7 @@ def gen_solved(n, d, v, seed=0, chunk=256, **kw):
     es, ts = [], []
     for st in range(0, n, chunk):
         r = slice(st, min(n, st + chunk)); m = r.stop - st
-        bg = torch.cat([p["background"] * torch.randn(m, dirs, generator=g), torch.ones(m, 1)], dim=1)
+        bg = torch.cat([p["background"] * torch.randn(m, dirs, generator=g), torch.full((m, 1), p["prior_scale"])], dim=1)
         ones_dir = torch.cat([a[chosen[r]].sum(1), torch.zeros(m, 1)], dim=1)  # unit level on each cluster
         rel = heights[r] - heights[r].max(dim=1, keepdim=True).values  # <= 0: below the row's top cluster
         spread_dir = torch.cat([(rel[:, :, None] * a[chosen[r]]).sum(1), torch.zeros(m, 1)], dim=1)
@@ -141,8 +141,8 @@ def gen_solved(n, d, v, seed=0, chunk=256, **kw):
         leader = torch.argmax(zb + 10 * A + B, dim=1)
         lead_dir = torch.cat([u[leader] / (p["sigma_u"] * (u[leader] ** 2).sum(1, keepdim=True)), torch.zeros(m, 1)], dim=1)
         L = lead_dir @ c.T
-        th, dd, z_of = _solve(zb, A, B, L, h_ent[r], h_tail[r], p["rounds"], p["iters"])
-        ss = torch.exp(4.0 * th.clamp(max=0)); ll = 15.0 * th.clamp(min=0)
+        th, dd, z_of = _solve(zb, A, B, L, h_ent[r], h_tail[r], p["rounds"], p["iters"], p["kappa"], p["lam"])
+        ss = torch.exp(p["kappa"] * th.clamp(max=0)); ll = p["lam"] * th.clamp(min=0)
         ec = bg + dd[:, None] * ones_dir + ss[:, None] * spread_dir + ll[:, None] * lead_dir
         probs = torch.softmax(ec @ c.T, -1)
         ts.append(torch.multinomial(probs, 1, generator=g).squeeze(1)); es.append(ec)
