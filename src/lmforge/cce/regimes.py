@@ -7,9 +7,10 @@ depend on how peaked the softmax is and how much mass sits in its tail. Three re
 * ``real``: final hidden states and the (tied) classifier of SmolLM2-135M-Instruct on GSM8K text,
   made by ``bench/cce_real_data.py`` and loaded from a file.
 * ``calibrated``: a synthetic generator for any shape whose statistics (:func:`regime_stats`) match the
-  real regime: a Zipf-like prior over the vocabulary, a Gaussian background, and a few candidate tokens
-  per position that carry most of the mass; targets are sampled from the model's own softmax, so NLL
-  and entropy agree as they do for a trained model.
+  real regime: groups of related tokens raised together, chosen from a per-document pool so that
+  consecutive rows share context, over a Zipf prior and a Gaussian background; each row's tail mass and
+  entropy are imposed (drawn from laws with the real median and mean); targets are sampled from the
+  model's own softmax, so NLL and entropy agree as they do for a trained model.
 """
 
 from __future__ import annotations
@@ -76,65 +77,114 @@ def random_inputs(n, d, v, *, dtype, device, seed=0):
     return e.to(device, dtype), c.to(device, dtype), t.to(device)
 
 
-# Parameters of the calibrated generator (fitted on the SmolLM2 shape against the real regime's
-# statistics; see docs/benchmarks.md). Per-row entropies follow a Gamma law with the real mean and shape 3:
-# with shape 1 (an exponential law) too many rows were nearly flat and the mean tail mass came out 1.7x
-# the real one.
-CALIBRATED = dict(zipf=2.2, candidate_zipf=0.5, background=0.5, candidates=96, peak=7.0, peak_decay=0.18,
-                  peak_jitter=1.0, entropy_mean=1.55, entropy_shape=3.0)
+# Parameters of the calibrated generator, fitted at the SmolLM2 shape against the real regime's statistics
+# (docs/cce-tuning.md, item 6). The vocabulary falls into ``clusters`` groups of tokens that share a direction
+# (a token's weight in its group is uniform in [weight_low, 1]); each row raises ``clusters_per_row`` groups
+# drawn from its document's pool of ``pool`` x (V / 49152)^pool_exponent groups (``doc_len`` consecutive
+# rows form a document, as consecutive tokens of one text share their context; a larger vocabulary has more
+# tile columns to occupy: 16 groups gave the real occupancy at SmolLM2's 49152 tokens, 36 at Gemma's
+# 256000), the pools drawn under a popularity law
+# rank^-popularity, over a Zipf prior of exponent ``zipf``. Each row's tail mass below 2^-12 is a
+# log-normal draw with the real median and mean (``tail_median``, ``tail_sigma``) and its entropy a Gamma
+# draw with the real mean; both are imposed by bisections (``rounds`` x ``iters`` softmaxes per row block).
+CALIBRATED = dict(clusters=3072, clusters_per_row=4, level=7.0, decay=1.0, jitter=1.0, popularity=0.5, zipf=0.8,
+                  background=0.5, weight_low=0.8, token_noise=0.3, doc_len=160, pool=16, pool_exponent=0.5,
+                  entropy_mean=1.55, entropy_shape=3.0, tail_median=0.012, tail_sigma=1.06, flatten=4.0, lead=15.0,
+                  rounds=12, iters=12)
 
 
-def _row_temperatures(e, c, target_entropy, iters=20):
-    """Per-row factors tau with H(softmax(tau * e_i @ c^T)) = target_entropy_i (bisection in log tau)."""
-    lo = torch.full_like(target_entropy, -4.0)
-    hi = torch.full_like(target_entropy, 4.0)
-    for _ in range(iters):
+def _entropy_and_tail(z: torch.Tensor, threshold: float = THRESHOLD) -> tuple[torch.Tensor, torch.Tensor]:
+    logp = torch.log_softmax(z, dim=-1)
+    p = logp.exp()
+    return -(p * logp).sum(-1), (p * (p < threshold)).sum(-1)
+
+
+def _solve_rows(parts, target_entropy, target_tail, p):
+    """Per-row (theta, level) with the target entropy and tail mass, for logits
+    zb + level A + exp(flatten min(theta, 0)) B + lead max(theta, 0) L: the level lifts the row's groups
+    above the background (less tail), theta < 0 flattens the groups' height differences, theta > 0 lifts
+    one leading token (both move the entropy). For each theta the level comes from an inner bisection."""
+    zb, a_part, b_part, l_part = parts
+    n, device = zb.shape[0], zb.device
+
+    def logits(theta, level):
+        spread = torch.exp(p["flatten"] * theta.clamp(max=0))
+        lead = p["lead"] * theta.clamp(min=0)
+        return zb + level[:, None] * a_part + spread[:, None] * b_part + lead[:, None] * l_part
+
+    def level_for(theta):
+        lo, hi = torch.full((n,), -10.0, device=device), torch.full((n,), 40.0, device=device)
+        for _ in range(p["iters"]):
+            mid = (lo + hi) / 2
+            heavy = _entropy_and_tail(logits(theta, mid))[1] > target_tail  # too much tail: lift the groups
+            lo, hi = torch.where(heavy, mid, lo), torch.where(heavy, hi, mid)
+        return (lo + hi) / 2
+
+    lo, hi = torch.full((n,), -1.0, device=device), torch.full((n,), 1.0, device=device)
+    for _ in range(p["rounds"]):
         mid = (lo + hi) / 2
-        logp = torch.log_softmax(mid.exp()[:, None] * (e @ c.T), dim=-1)
-        entropy = -(logp.exp() * logp).sum(-1)
-        sharper = entropy > target_entropy  # too flat: raise the temperature factor
-        lo = torch.where(sharper, mid, lo)
-        hi = torch.where(sharper, hi, mid)
-    return ((lo + hi) / 2).exp()
+        flat = _entropy_and_tail(logits(mid, level_for(mid)))[0] > target_entropy  # too flat: sharpen
+        lo, hi = torch.where(flat, mid, lo), torch.where(flat, hi, mid)
+    theta = (lo + hi) / 2
+    return theta, level_for(theta)
 
 
 @torch.no_grad()
-def calibrated_inputs(n, d, v, *, dtype, device, seed=0, params=None, chunk=512):
+def calibrated_inputs(n, d, v, *, dtype, device, seed=0, params=None, chunk=256):
     """Synthetic (e, c, targets) whose softmax statistics match the real regime (see module docstring).
 
-    Logits are z_ij = tau_i (b_j + s g_ij + sum_k h_ik [j == cand_ik]), realised as a product e @ c^T:
-    the last coordinate carries the vocabulary prior b_j (a Zipf law over a random ranking, normalised so
-    its mass is the same at any vocabulary size), random unit directions carry the Gaussian background g
-    and the candidates' peaks h (candidates drawn from the prior, so frequent tokens are frequent
-    continuations). tau_i scales row i so its entropy equals a draw from a Gamma law with the real mean.
-    Targets are sampled from softmax(z). Work runs on ``device`` in float32, a chunk of rows at a time.
+    The construction is described at :data:`CALIBRATED`. Realised as e @ c^T: the last coordinate carries
+    the prior (weight 1 in every row), the others the groups' unit directions a_m (a token's row of c is
+    w_j a_m(j) plus ``token_noise`` times its own random direction) and, in e, a Gaussian background. Row i
+    is bg_i + level_i sum_k a_ik + spread_i sum_k (h_ik - max_k h_ik) a_ik + lead_i u_leader / ..., with
+    level, spread and lead solved per row. Targets are sampled from softmax(e @ c^T). Work runs on
+    ``device`` in float32, ``chunk`` rows at a time.
     """
     p = dict(CALIBRATED, **(params or {}))
     g = torch.Generator().manual_seed(seed)
-    dirs = d - 1
-    u = torch.randn(v, dirs, generator=g) / dirs ** 0.5
+    dirs, groups, per_row = d - 1, p["clusters"], p["clusters_per_row"]
+    a = torch.randn(groups, dirs, generator=g)
+    a /= a.norm(dim=1, keepdim=True)
+    member = torch.randperm(v, generator=g) % groups
+    weight = p["weight_low"] + (1 - p["weight_low"]) * torch.rand(v, generator=g)
+    own = torch.randn(v, dirs, generator=g) / dirs ** 0.5
     rank = torch.randperm(v, generator=g).float() + 1
     prior = -p["zipf"] * torch.log(rank)
     prior -= torch.logsumexp(prior, 0)
-    c = torch.cat([u, prior[:, None]], dim=1)
-    # Candidates follow a flatter Zipf law over the same ranking: plausible continuations spread over the
-    # vocabulary (which sets tile occupancy) while the prior's own tail (which sets tail mass) stays light.
-    cand_weights = rank ** -p["candidate_zipf"]
-    cand = torch.multinomial(cand_weights, n * p["candidates"], replacement=True, generator=g).view(n, -1)
-    level = p["peak"] + math.log(v / 49152) - p["peak_decay"] * torch.arange(p["candidates"]).float()
-    heights = level + p["peak_jitter"] * torch.randn(n, p["candidates"], generator=g)
-    gamma = torch.distributions.Gamma(torch.tensor(p["entropy_shape"]), torch.tensor(p["entropy_shape"] / p["entropy_mean"]))
+    c = torch.cat([weight[:, None] * a[member] + p["token_noise"] * own, prior[:, None]], dim=1)
+    popularity = (torch.randperm(groups, generator=g).float() + 1) ** -p["popularity"]
+    n_docs = math.ceil(n / p["doc_len"])
+    pool = max(1, round(p["pool"] * (v / 49152) ** p["pool_exponent"]))
+    pools = torch.multinomial(popularity, n_docs * pool, replacement=True, generator=g).view(n_docs, -1)
+    doc = torch.arange(n) // p["doc_len"]
+    chosen = pools[doc[:, None], torch.randint(0, pool, (n, per_row), generator=g)]
+    heights = p["level"] - p["decay"] * torch.arange(per_row).float() \
+        + p["jitter"] * torch.randn(n, per_row, generator=g)
+    shape = torch.tensor(p["entropy_shape"])
     torch.manual_seed(seed)
-    target_entropy = gamma.sample((n,)).clamp(0.02, 0.8 * math.log(v))
+    target_entropy = torch.distributions.Gamma(shape, shape / p["entropy_mean"]).sample((n,))
+    target_entropy = target_entropy.clamp(0.05, 0.8 * math.log(v))
+    target_tail = (p["tail_median"] * torch.exp(p["tail_sigma"] * torch.randn(n, generator=g))).clamp(1e-4, 0.3)
     c_dev = c.to(device)
     e_rows, targets = [], []
     for start in range(0, n, chunk):
         rows = slice(start, min(n, start + chunk))
-        hidden = p["background"] * torch.randn(rows.stop - start, dirs, generator=g)
-        hidden += (heights[rows, :, None] * u[cand[rows]]).sum(1)
-        e_chunk = torch.cat([hidden, torch.ones(rows.stop - start, 1)], dim=1).to(device)
-        tau = _row_temperatures(e_chunk, c_dev, target_entropy[rows].to(device))
-        e_chunk = e_chunk * tau[:, None]
+        m = rows.stop - start
+        zero = torch.zeros(m, 1)
+        background = torch.cat([p["background"] * torch.randn(m, dirs, generator=g), torch.ones(m, 1)], dim=1)
+        level_dir = torch.cat([a[chosen[rows]].sum(1), zero], dim=1)
+        below_top = heights[rows] - heights[rows].max(dim=1, keepdim=True).values
+        spread_dir = torch.cat([(below_top[:, :, None] * a[chosen[rows]]).sum(1), zero], dim=1)
+        parts_e = [x.to(device) for x in (background, level_dir, spread_dir)]
+        zb, a_part, b_part = (x @ c_dev.T for x in parts_e)
+        leader = torch.argmax(zb + 10 * a_part + b_part, dim=1).cpu()
+        lead_dir = torch.cat([own[leader] / (p["token_noise"] * (own[leader] ** 2).sum(1, keepdim=True)), zero], dim=1)
+        lead_dir = lead_dir.to(device)
+        theta, level = _solve_rows((zb, a_part, b_part, lead_dir @ c_dev.T), target_entropy[rows].to(device),
+                                   target_tail[rows].to(device), p)
+        spread = torch.exp(p["flatten"] * theta.clamp(max=0))
+        lead = p["lead"] * theta.clamp(min=0)
+        e_chunk = parts_e[0] + level[:, None] * parts_e[1] + spread[:, None] * parts_e[2] + lead[:, None] * lead_dir
         probs = torch.softmax(e_chunk @ c_dev.T, -1).cpu()
         targets.append(torch.multinomial(probs, 1, generator=g).squeeze(1))
         e_rows.append(e_chunk)
