@@ -93,37 +93,50 @@ CALIBRATED = dict(clusters=3072, clusters_per_row=4, level=7.0, decay=1.0, jitte
                   rounds=12, iters=12)
 
 
-def _entropy_and_tail(z: torch.Tensor, threshold: float = THRESHOLD) -> tuple[torch.Tensor, torch.Tensor]:
+def _probabilities(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     logp = torch.log_softmax(z, dim=-1)
-    p = logp.exp()
-    return -(p * logp).sum(-1), (p * (p < threshold)).sum(-1)
+    return logp, logp.exp()
+
+
+def _tail_mass(z: torch.Tensor, threshold: float = THRESHOLD) -> torch.Tensor:
+    p = _probabilities(z)[1]
+    return (p * (p < threshold)).sum(-1)
+
+
+def _entropy(z: torch.Tensor) -> torch.Tensor:
+    logp, p = _probabilities(z)
+    return -(p * logp).sum(-1)
+
+
+def _coefficients(theta, level, p):
+    """Row coefficients of the level, spread and lead directions for the solver's (theta, level):
+    theta < 0 flattens the groups' height differences, theta > 0 lifts one leading token."""
+    return level, torch.exp(p["flatten"] * theta.clamp(max=0)), p["lead"] * theta.clamp(min=0)
 
 
 def _solve_rows(parts, target_entropy, target_tail, p):
     """Per-row (theta, level) with the target entropy and tail mass, for logits
-    zb + level A + exp(flatten min(theta, 0)) B + lead max(theta, 0) L: the level lifts the row's groups
-    above the background (less tail), theta < 0 flattens the groups' height differences, theta > 0 lifts
-    one leading token (both move the entropy). For each theta the level comes from an inner bisection."""
+    zb + level A + spread B + lead L (:func:`_coefficients`): the level lifts the row's groups above the
+    background (less tail); theta moves the entropy. For each theta the level comes from an inner bisection."""
     zb, a_part, b_part, l_part = parts
     n, device = zb.shape[0], zb.device
 
     def logits(theta, level):
-        spread = torch.exp(p["flatten"] * theta.clamp(max=0))
-        lead = p["lead"] * theta.clamp(min=0)
+        level, spread, lead = _coefficients(theta, level, p)
         return zb + level[:, None] * a_part + spread[:, None] * b_part + lead[:, None] * l_part
 
     def level_for(theta):
         lo, hi = torch.full((n,), -10.0, device=device), torch.full((n,), 40.0, device=device)
         for _ in range(p["iters"]):
             mid = (lo + hi) / 2
-            heavy = _entropy_and_tail(logits(theta, mid))[1] > target_tail  # too much tail: lift the groups
+            heavy = _tail_mass(logits(theta, mid)) > target_tail  # too much tail: lift the groups
             lo, hi = torch.where(heavy, mid, lo), torch.where(heavy, hi, mid)
         return (lo + hi) / 2
 
     lo, hi = torch.full((n,), -1.0, device=device), torch.full((n,), 1.0, device=device)
     for _ in range(p["rounds"]):
         mid = (lo + hi) / 2
-        flat = _entropy_and_tail(logits(mid, level_for(mid)))[0] > target_entropy  # too flat: sharpen
+        flat = _entropy(logits(mid, level_for(mid))) > target_entropy  # too flat: sharpen
         lo, hi = torch.where(flat, mid, lo), torch.where(flat, hi, mid)
     theta = (lo + hi) / 2
     return theta, level_for(theta)
@@ -182,8 +195,7 @@ def calibrated_inputs(n, d, v, *, dtype, device, seed=0, params=None, chunk=256)
         lead_dir = lead_dir.to(device)
         theta, level = _solve_rows((zb, a_part, b_part, lead_dir @ c_dev.T), target_entropy[rows].to(device),
                                    target_tail[rows].to(device), p)
-        spread = torch.exp(p["flatten"] * theta.clamp(max=0))
-        lead = p["lead"] * theta.clamp(min=0)
+        level, spread, lead = _coefficients(theta, level, p)
         e_chunk = parts_e[0] + level[:, None] * parts_e[1] + spread[:, None] * parts_e[2] + lead[:, None] * lead_dir
         probs = torch.softmax(e_chunk @ c_dev.T, -1).cpu()
         targets.append(torch.multinomial(probs, 1, generator=g).squeeze(1))

@@ -453,10 +453,10 @@ def compute_reference_logps(model: nn.Module, batches: Sequence[Mapping[str, tor
     was_training = model.training
     model.eval()
     results = []
+    bf16 = use_bf16(config.precision)
     try:
         for batch in tqdm(batches, desc="reference log-probs", disable=not progress):
             batch = {key: value.to(device) for key, value in batch.items()}
-            bf16 = use_bf16(config.precision)
             with _autocast(device, bf16), _lora_input_casts_off(model, bf16), \
                     (model.disable_adapter() if disable_adapter else contextlib.nullcontext()):
                 if config.is_kto:
