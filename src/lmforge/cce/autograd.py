@@ -25,14 +25,27 @@ def on_device_of(tensor: torch.Tensor):
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
+def _summed_over(group, partial: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Sum of every rank's ``partial`` (float32 for 16-bit ``dtype``: one rounding at the end), in ``dtype``."""
+    import torch.distributed as dist
+
+    wide = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    total = partial.to(wide, memory_format=torch.contiguous_format)
+    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+    return total.to(dtype)
+
+
 class LinearStats(torch.autograd.Function):
     """(e, c, bias, targets) -> (lse, target_logit, sum_logit, mean_logit), each (N,) float32
 
-    (float64 for float64 inputs on the torch path)."""
+    (float64 for float64 inputs on the torch path). With ``de_group`` (a process group; vocabulary-parallel
+    use, where each rank holds a block of c) the backward sums dE over the group's ranks in float32 before
+    its one rounding to e's dtype."""
 
     @staticmethod
-    def forward(ctx, e, c, bias, targets, softcap, need_sum, need_mu, filter_eps, impl):
+    def forward(ctx, e, c, bias, targets, softcap, need_sum, need_mu, filter_eps, impl, de_group=None):
         # Autocast would recast the recomputed logits; the backends choose their own precisions.
+        ctx.de_group = de_group
         with torch.autocast(e.device.type, enabled=False), on_device_of(e):
             return LinearStats._forward(ctx, e, c, bias, targets, softcap, need_sum, need_mu, filter_eps, impl)
 
@@ -76,21 +89,28 @@ class LinearStats(torch.autograd.Function):
     def _backward(ctx, g_lse, g_tgt, g_sum, g_mu):
         e, c, bias, targets, lse, mean_logit, perm, tile_map = ctx.saved_tensors
         need_de, need_dc, need_db = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        group = ctx.de_group
         if all(g is None for g in (g_lse, g_tgt, g_sum, g_mu)) or not (need_de or need_dc or need_db):
-            return None, None, None, None, None, None, None, None, None
+            if group is not None and need_de:  # the other ranks' all-reduce still needs this rank's zeros
+                return _summed_over(group, torch.zeros_like(e, dtype=torch.float32), e.dtype), *(None,) * 9
+            return (None,) * 10
         grads = tuple(_like_stats(g, lse) for g in (g_lse, g_tgt, g_sum, g_mu))
+        # Partial dE of a vocabulary block: kept in float32 until the ranks' blocks are summed.
+        de_dtype = torch.float32 if group is not None and e.dtype in (torch.float16, torch.bfloat16) else None
         if ctx.impl == "triton":
             de, dc, db = triton_impl.backward(e, c, bias, targets, lse, mean_logit, *grads,
                                               softcap=ctx.softcap, need_de=need_de, need_dc=need_dc,
                                               need_db=need_db, filter_eps=ctx.filter_eps, perm=perm,
-                                              tile_map=tile_map, map_sub=ctx.map_sub)
+                                              tile_map=tile_map, map_sub=ctx.map_sub, de_dtype=de_dtype)
         elif ctx.impl == "gemm":
             de, dc, db = gemm_impl.backward(e, c, bias, targets, lse, mean_logit, *grads,
                                             softcap=ctx.softcap, need_de=need_de, need_dc=need_dc,
                                             need_db=need_db, perm=perm, slab_lse=tile_map,
-                                            filter_eps=ctx.filter_eps)
+                                            filter_eps=ctx.filter_eps, de_dtype=de_dtype)
         else:
             de, dc, db = chunked.backward(e, c, bias, targets, lse, mean_logit, *grads,
                                           softcap=ctx.softcap, need_de=need_de, need_dc=need_dc,
-                                          need_db=need_db)
-        return de, dc, db, None, None, None, None, None, None
+                                          need_db=need_db, de_dtype=de_dtype)
+        if group is not None and de is not None:
+            de = _summed_over(group, de, e.dtype)
+        return de, dc, db, None, None, None, None, None, None, None

@@ -76,16 +76,17 @@ def forward_stats(e, c, bias, targets, *, softcap=None, need_sum=False, need_mu=
 
 
 def backward(e, c, bias, targets, lse, mean_logit, g_lse, g_tgt, g_sum, g_mu, *, softcap=None,
-             need_de=True, need_dc=True, need_db=False, chunk_elements=None):
+             need_de=True, need_dc=True, need_db=False, chunk_elements=None, de_dtype=None):
     """Gradients (dE, dC, db) for upstream per-token gradients of the four statistics.
 
-    Any of g_* may be None (no gradient flows into that statistic). Exact: no filtering.
+    Any of g_* may be None (no gradient flows into that statistic). Exact: no filtering. dE comes back in
+    ``de_dtype`` (default e's dtype), e.g. float32 for partial gradients that are summed before rounding.
     """
     n, vocab = e.shape[0], c.shape[0]
     compute = torch.float64 if e.dtype == torch.float64 else torch.float32
     c32 = c if c.dtype == compute else c.to(compute)
     bias32 = None if bias is None else bias.to(compute)
-    de = torch.empty_like(e) if need_de else None
+    de = torch.empty_like(e, dtype=de_dtype or e.dtype) if need_de else None
     dc_acc = torch.zeros(c.shape, dtype=compute, device=c.device) if need_dc else None
     db_acc = torch.zeros(vocab, dtype=compute, device=c.device) if need_db else None
     step = chunk_rows(n, vocab, chunk_elements)
@@ -109,7 +110,7 @@ def backward(e, c, bias, targets, lse, mean_logit, g_lse, g_tgt, g_sum, g_mu, *,
         if th is not None:
             dz *= 1 - th * th
         if need_de:
-            de[rows] = (dz @ c32).to(e.dtype)
+            de[rows] = (dz @ c32).to(de.dtype)
         if need_dc:
             dc_acc += dz.t() @ e_chunk
         if need_db:

@@ -189,12 +189,13 @@ def kept_rows(slab_lse, lse, g_lse, g_tgt, slab_targets, cols_per_slab: int, fil
 
 def backward(e, c, bias, targets, lse, mean_logit, g_lse, g_tgt, g_sum, g_mu, *, softcap=None,
              need_de=True, need_dc=True, need_db=False, slab_bytes=None, perm=None, slab_lse=None,
-             filter_eps=None):
+             filter_eps=None, de_dtype=None):
     """Gradients (dE, dC, db) for upstream per-token gradients of the four statistics.
 
     Exact unless ``filter_eps`` and the forward's ``slab_lse`` (same ``perm``) are given and only g_lse /
     g_tgt are: then each slab's products run over the rows :func:`kept_rows` keeps (gathered), so every row
     loses at most ``filter_eps`` of its softmax mass to skipped slabs and the skipped work is never done.
+    dE is accumulated in float32 and returned in ``de_dtype`` (default e's dtype).
     """
     n, d = e.shape
     vocab = c.shape[0]
@@ -273,6 +274,6 @@ def backward(e, c, bias, targets, lse, mean_logit, g_lse, g_tgt, g_sum, g_mu, *,
         if dc_slab is not None and perm is not None:
             dc.index_copy_(0, perm[start:start + cols].long(), dc_slab)
     del buffer
-    de = de32.to(e.dtype) if need_de else None
+    de = de32.to(de_dtype or e.dtype) if need_de else None
     db = db32.to(bias.dtype) if need_db else None
     return de, dc, db

@@ -178,7 +178,7 @@ def _accumulate_matmul(out32: torch.Tensor, a: torch.Tensor, b: torch.Tensor):
 
 def backward(e, c, bias, targets, lse, mean_logit, g_lse, g_tgt, g_sum, g_mu, *, softcap=None,
              need_de=True, need_dc=True, need_db=False, filter_eps=None, perm=None, tile_map=None,
-             map_sub=None):
+             map_sub=None, de_dtype=None):
     n, d = e.shape
     vocab = c.shape[0]
     cfg = _blocks(e.dtype, e.device, d, "bwd")
@@ -248,6 +248,6 @@ def backward(e, c, bias, targets, lse, mean_logit, g_lse, g_tgt, g_sum, g_mu, *,
             else:
                 db32.index_add_(0, index, col_sum)
     del dz
-    de = de32.to(e.dtype) if need_de else None
+    de = de32.to(de_dtype or e.dtype) if need_de else None
     db = db32.to(bias.dtype) if need_db else None
     return de, dc, db
