@@ -79,6 +79,11 @@ def lmforge_triton_loss(e, c, t):
     return linear_cross_entropy(e, c, t, impl="triton")
 
 
+def lmforge_exact_loss(e, c, t):
+    """lmforge's default backend without gradient filtering (exact gradients)."""
+    return linear_cross_entropy(e, c, t, filter_eps=None)
+
+
 def _torch_linear_cross_entropy():
     if not hasattr(F, "linear_cross_entropy"):
         raise RuntimeError(f"torch {torch.__version__} has no torch.nn.functional.linear_cross_entropy (2.13+)")
@@ -105,7 +110,8 @@ def _apple(impl):
     return make
 
 
-IMPLEMENTATIONS = {"lmforge": lmforge_loss, "lmforge_triton": lmforge_triton_loss, "torch": torch_loss}
+IMPLEMENTATIONS = {"lmforge": lmforge_loss, "lmforge_triton": lmforge_triton_loss, "lmforge_exact": lmforge_exact_loss,
+                   "torch": torch_loss}
 # Peers are imported only when asked for (they are optional, and only some run on the CPU).
 PEERS = {"torch_lce": _torch_linear_cross_entropy, "torch_compile": _torch_compile, "liger": _liger, "apple_cce": _apple("cce"),
          "apple_cce_exact": _apple("cce_exact")}
