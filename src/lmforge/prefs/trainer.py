@@ -43,11 +43,15 @@ is not available there (generation would need every rank).
 
 Memory: ``rows_per_forward`` and ``two_pass`` trade time for activation memory (one sequence's, with
 exact gradients), ``compile_layers`` compiles each decoder layer; see :class:`PrefTrainConfig` and
-docs/benchmarks.md for what each costs on a Gemma-2-2B-shaped model.
+docs/benchmarks.md for what each costs on a Gemma-2-2B-shaped model. The lean GPU recipe is
+``rows_per_forward=1, two_pass=True, compile_layers=True`` with the model loaded with
+``attn_implementation="flex_attention"``: on an H200, 4 pairs x 2048 tokens of a Gemma-2-2B-shaped LoRA
+step took 0.47x TRL's peak memory in 0.82x its time.
 
 Precision: bf16 autocast on CUDA devices that support it (``precision="auto"``), float32 on the CPU.
 Reference and policy log-probs go through the same path, so at step 0 a policy equal to its reference
-has rewards of exactly 0.
+has rewards of exactly 0 (with ``two_pass`` or ``compile_layers`` the two passes are different graphs and
+bf16 rounding leaves rewards of a few hundredths of a nat).
 
 The run folder (``output_dir``):
 
