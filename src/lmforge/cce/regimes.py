@@ -87,7 +87,7 @@ def random_inputs(n, d, v, *, dtype, device, seed=0):
 # rank^-popularity, over a Zipf prior of exponent ``zipf``. Each row's tail mass below 2^-12 is a
 # log-normal draw with the real median and mean (``tail_median``, ``tail_sigma``) and its entropy a Gamma
 # draw with the real mean; both are imposed by bisections (``rounds`` x ``iters`` softmaxes per row block).
-CALIBRATED = dict(clusters=3072, clusters_per_row=4, level=7.0, decay=1.0, jitter=1.0, popularity=0.5, zipf=0.8,
+CALIBRATED = dict(clusters=3072, clusters_per_row=4, level=7.0, decay=1.0, jitter=1.0, popularity=1.0, zipf=0.8,
                   background=0.5, weight_low=0.8, token_noise=0.3, doc_len=160, pool=16, pool_exponent=0.5,
                   entropy_mean=1.55, entropy_shape=3.0, tail_median=0.012, tail_sigma=1.06, flatten=4.0, lead=15.0,
                   rounds=12, iters=12)
