@@ -155,7 +155,11 @@ def _check_options(reduction, label_smoothing, z_loss, softcap, filter_eps):
 def _stats(e2d, c, bias, flat_targets, *, softcap, need_sum, need_mu, filter_eps, impl, shard=None,
            ignore_index=-100):
     impl = _resolve_impl(impl, e2d.device, e2d.dtype)
-    eps = auto_filter_eps(e2d.dtype) if filter_eps == "auto" else filter_eps
+    eps = filter_eps
+    if filter_eps == "auto":
+        # The GEMM path's row filtering cost more than it saved on real-like data at every shape measured on
+        # the H200 (docs/cce-tuning.md, v3.3), so "auto" keeps that path exact; a number still filters.
+        eps = None if impl == "gemm" else auto_filter_eps(e2d.dtype)
     if eps == 0:
         eps = None
     softcap = None if softcap is None else float(softcap)
@@ -183,11 +187,11 @@ def linear_cross_entropy(e, c, targets, *, bias=None, ignore_index=-100, softcap
         label_smoothing: epsilon of torch.nn.functional.cross_entropy's label smoothing.
         z_loss: adds z_loss * lse^2 per token (PaLM's auxiliary loss).
         return_lse: also return the per-token log-sum-exp (shape of the per-token loss).
-        filter_eps: gradient filtering threshold; "auto" picks it from the dtype (see
-            :func:`auto_filter_eps`), None computes exact gradients. The "triton" and "gemm" backends
-            filter (the triton one skips logit tiles, the gemm one skips a row's lightest vocabulary slabs,
-            from hidden size ``gemm_impl.FILTER_MIN_D`` (1024) up, below which it is exact because
-            filtering there costs more than it saves); "torch" is always exact.
+        filter_eps: gradient filtering threshold; "auto" picks it from the dtype for the "triton" backend
+            (see :func:`auto_filter_eps`) and means exact gradients for "gemm" (there filtering cost more
+            than it saved on real-like data); None computes exact gradients. A number makes "triton" skip
+            logit tiles and "gemm" skip a row's lightest vocabulary slabs (from hidden size
+            ``gemm_impl.FILTER_MIN_D`` (1024) up); "torch" is always exact.
         impl: "triton" (fused kernels; CUDA, or CPU under TRITON_INTERPRET=1), "gemm" (cuBLAS logit
             slabs of ``LMFORGE_CCE_SLAB_MB`` (128) MiB with Triton passes over them: faster on the H200, one
             slab of workspace; see :mod:`lmforge.cce.gemm_impl`), "torch" (chunked, exact,

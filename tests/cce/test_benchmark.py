@@ -1,0 +1,46 @@
+"""The CCE benchmark harness (lmforge bench cce / bench/cce_gpu.py) on the CPU, on a tiny shape."""
+
+import json
+
+import pytest
+
+from lmforge.cce.benchmark import CCEBenchConfig, markdown_table, run_benchmark
+
+
+def test_benchmark_rows_errors_and_regime_statistics(tmp_path):
+    impls = ("lmforge", "lmforge_exact", "lmforge_filter", "torch")
+    config = CCEBenchConfig(shapes=["96x32x700"], regimes=("random", "calibrated"), dtype="bfloat16",
+                            impls=impls, warmup=0, repeats=1, out_dir=str(tmp_path))
+    result = run_benchmark(config, progress=False)
+    assert json.loads((tmp_path / "results.json").read_text())["rows"] == result["rows"]
+    rows = {(r["regime"], r["impl"]): r for r in result["rows"]}
+    assert set(rows) == {(regime, impl) for regime in config.regimes for impl in impls}
+    for (regime, impl), row in rows.items():
+        assert (row["n"], row["d"], row["v"]) == (96, 32, 700)
+        assert row["fwd_ms"] > 0 and row["fwd_bwd_ms"] > 0
+        # Errors are measured against float64 on the same bf16 inputs: lmforge's loss is float32 math,
+        # plain torch's comes from bf16 logits; both return bf16 gradients.
+        assert row["loss_err"] < (1e-3 if impl == "torch" else 1e-5), (regime, impl)
+        bound = 5e-2 if impl == "torch" else 1e-2
+        assert 0 < row["de_err"] < bound and 0 < row["dc_err"] < bound, (regime, impl)
+    for regime in config.regimes:  # fp32 logits: never less accurate than plain torch's bf16 logits
+        for key in ("de_err", "dc_err"):
+            assert rows[(regime, "lmforge")][key] <= 1.01 * rows[(regime, "torch")][key], (regime, key)
+    for regime in config.regimes:  # on the CPU every lmforge variant is the exact chunked path
+        for impl in ("lmforge_exact", "lmforge_filter"):
+            assert rows[(regime, impl)]["de_err"] == rows[(regime, "lmforge")]["de_err"]
+    stats = result["regime_stats"]["96x32x700/calibrated"]
+    assert set(stats) == {"nll", "entropy", "share_above", "tail_mass_mean", "tail_mass_median", "tiles_sorted",
+                          "tiles_unsorted"}
+    assert 0 < stats["tail_mass_median"] < 1 and 0 < stats["tail_mass_mean"] < 1 and 0 < stats["tiles_sorted"] <= 1
+    assert "random" not in " ".join(result["regime_stats"])
+    table = markdown_table(result)
+    for impl in impls:
+        assert f"| {impl} |" in table
+
+
+def test_benchmark_rejects_unknown_impls_and_dtypes(tmp_path):
+    with pytest.raises(ValueError, match="impls must be among"):
+        run_benchmark(CCEBenchConfig(shapes=["8x8x16"], impls=("nope",), out_dir=str(tmp_path)), progress=False)
+    with pytest.raises(ValueError, match="dtype must be"):
+        run_benchmark(CCEBenchConfig(shapes=["8x8x16"], dtype="int8", out_dir=str(tmp_path)), progress=False)
