@@ -31,7 +31,7 @@ def test_benchmark_rows_errors_and_regime_statistics(tmp_path):
             assert rows[(regime, impl)]["de_err"] == rows[(regime, "lmforge")]["de_err"]
     stats = result["regime_stats"]["96x32x700/calibrated"]
     assert set(stats) == {"nll", "entropy", "share_above", "tail_mass_mean", "tail_mass_median", "tiles_sorted",
-                          "tiles_unsorted"}
+                          "tiles_unsorted", "tail_mass_skippable"}
     assert 0 < stats["tail_mass_median"] < 1 and 0 < stats["tail_mass_mean"] < 1 and 0 < stats["tiles_sorted"] <= 1
     assert "random" not in " ".join(result["regime_stats"])
     table = markdown_table(result)
