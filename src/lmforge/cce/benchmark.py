@@ -116,11 +116,11 @@ def _apple(impl):
     return make
 
 
-IMPLEMENTATIONS = {"lmforge": lmforge_loss, "lmforge_triton": lmforge_triton_loss, "lmforge_exact": lmforge_exact_loss,
-                   "lmforge_filter": lmforge_filter_loss, "torch": torch_loss}
+IMPLEMENTATIONS = {"lmforge": lmforge_loss, "lmforge_triton": lmforge_triton_loss,
+                   "lmforge_exact": lmforge_exact_loss, "lmforge_filter": lmforge_filter_loss, "torch": torch_loss}
 # Peers are imported only when asked for (they are optional, and only some run on the CPU).
-PEERS = {"torch_lce": _torch_linear_cross_entropy, "torch_compile": _torch_compile, "liger": _liger, "apple_cce": _apple("cce"),
-         "apple_cce_exact": _apple("cce_exact")}
+PEERS = {"torch_lce": _torch_linear_cross_entropy, "torch_compile": _torch_compile, "liger": _liger,
+         "apple_cce": _apple("cce"), "apple_cce_exact": _apple("cce_exact")}
 
 
 def loss_function(name: str):

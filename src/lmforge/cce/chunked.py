@@ -33,7 +33,8 @@ def chunk_rows(n_rows: int, vocab: int, chunk_elements: int | None = None) -> in
 
 
 def _logits(e_chunk: torch.Tensor, c32: torch.Tensor, bias32, softcap):
-    """Logits of one chunk in the compute dtype (float32, or float64 for float64 inputs), and tanh(x / cap) when softcapping (for the derivative)."""
+    """Logits of one chunk in the compute dtype (float32, or float64 for float64 inputs), and tanh(x / cap)
+    when softcapping (for the derivative)."""
     z = e_chunk.to(c32.dtype) @ c32.t()
     if bias32 is not None:
         z += bias32
