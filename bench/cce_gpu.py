@@ -12,10 +12,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from lmforge.cce.benchmark import GPU_SHAPES, CCEBenchConfig, markdown_table, run_benchmark  # noqa: E402
+from lmforge.cce.benchmark import COMPARE_IMPLS, GPU_SHAPES, CCEBenchConfig, markdown_table, run_benchmark  # noqa: E402
 
-ALL_IMPLS = ("lmforge", "lmforge_filter", "lmforge_triton", "torch", "torch_compile", "liger", "apple_cce",
-             "apple_cce_exact")
+ALL_IMPLS = COMPARE_IMPLS["cuda"]
 
 
 def main():

@@ -9,12 +9,19 @@ from lmforge.config import add_config_arguments, config_from_args
 
 
 def _bench_cce(args) -> int:
-    from lmforge.cce.benchmark import CCEBenchConfig, run_benchmark
+    import dataclasses
+
+    from lmforge.cce.benchmark import CCEBenchConfig, compare_impls, markdown_table, run_benchmark
 
     config = config_from_args(CCEBenchConfig, args)
+    if args.compare:  # every implementation and peer, and the data regimes, unless given as flags
+        changes = {}
+        if "impls" not in vars(args):
+            changes["impls"] = compare_impls(config.device)
+        if "regimes" not in vars(args):
+            changes["regimes"] = ("random", "calibrated") + (("real",) if config.real_path else ())
+        config = dataclasses.replace(config, **changes)
     result = run_benchmark(config)
-    from lmforge.cce.benchmark import markdown_table
-
     print(markdown_table(result))
     print(f"results written to {result['out_dir']}/results.json and results.md")
     return 0
@@ -31,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     cce = bench.add_parser("cce", help="lmforge's loss vs plain torch: time, memory, error vs float64")
     add_config_arguments(cce, CCEBenchConfig)
+    cce.add_argument("--compare", action="store_true",
+                     help="lmforge beside torch, torch.compile and the installed peers (Liger, Apple's cce) on "
+                          "the random and calibrated regimes (and real with --real-path), as bench/cce_gpu.py")
     cce.set_defaults(func=_bench_cce)
 
     from lmforge.models.sft import add_sft_cli

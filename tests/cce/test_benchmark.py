@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from lmforge.cce.benchmark import CCEBenchConfig, markdown_table, run_benchmark
 
@@ -44,3 +45,28 @@ def test_benchmark_rejects_unknown_impls_and_dtypes(tmp_path):
         run_benchmark(CCEBenchConfig(shapes=["8x8x16"], impls=("nope",), out_dir=str(tmp_path)), progress=False)
     with pytest.raises(ValueError, match="dtype must be"):
         run_benchmark(CCEBenchConfig(shapes=["8x8x16"], dtype="int8", out_dir=str(tmp_path)), progress=False)
+
+
+def test_compare_flag_runs_every_implementation_and_regime(monkeypatch, tmp_path):
+    from lmforge import cli
+    from lmforge.cce import benchmark
+
+    seen = []
+
+    def fake_run(config, progress=True):
+        seen.append(config)
+        return dict(device="cpu", dtype="float32", torch=torch.__version__, date="today", rows=[], regime_stats={},
+                    out_dir=str(tmp_path))
+
+    monkeypatch.setattr(benchmark, "run_benchmark", fake_run)
+    base = ["bench", "cce", "--device", "cpu", "--shapes", "8x8x16"]
+    assert cli.main(base + ["--compare"]) == 0
+    assert seen[-1].impls == benchmark.COMPARE_IMPLS["cpu"] == ("lmforge", "torch", "torch_compile", "torch_lce")
+    assert seen[-1].regimes == ("random", "calibrated")
+    cli.main(base + ["--compare", "--real-path", "real.safetensors"])
+    assert seen[-1].regimes == ("random", "calibrated", "real")
+    cli.main(base + ["--compare", "--impls", "lmforge", "--regimes", "random"])  # explicit flags win
+    assert (tuple(seen[-1].impls), tuple(seen[-1].regimes)) == (("lmforge",), ("random",))
+    cli.main(base)  # without --compare: the config's defaults
+    assert seen[-1].impls == benchmark.CCEBenchConfig().impls
+    assert "apple_cce" in benchmark.compare_impls("cuda") and "liger" in benchmark.COMPARE_IMPLS["cuda"]

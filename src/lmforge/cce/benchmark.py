@@ -121,6 +121,16 @@ IMPLEMENTATIONS = {"lmforge": lmforge_loss, "lmforge_triton": lmforge_triton_los
 # Peers are imported only when asked for (they are optional, and only some run on the CPU).
 PEERS = {"torch_lce": _torch_linear_cross_entropy, "torch_compile": _torch_compile, "liger": _liger,
          "apple_cce": _apple("cce"), "apple_cce_exact": _apple("cce_exact")}
+# What ``lmforge bench cce --compare`` (and bench/cce_gpu.py) runs side by side: lmforge's backends and every
+# peer on a GPU; on the CPU the ones that run there (Liger's and Apple's kernels need CUDA).
+COMPARE_IMPLS = {"cuda": ("lmforge", "lmforge_filter", "lmforge_triton", "torch", "torch_compile", "liger",
+                          "apple_cce", "apple_cce_exact"),
+                 "cpu": ("lmforge", "torch", "torch_compile", "torch_lce")}
+
+
+def compare_impls(device: str = "auto") -> tuple[str, ...]:
+    """The implementations of a comparison run on ``device`` ("auto": CUDA when available)."""
+    return COMPARE_IMPLS["cuda" if _device(device).type == "cuda" else "cpu"]
 
 
 def loss_function(name: str):
