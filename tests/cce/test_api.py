@@ -465,3 +465,22 @@ def test_bad_input_raises_clear_error(index):
     match, exc, call = bad_calls()[index]
     with pytest.raises(exc, match=match):
         call()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "gemm"])
+def test_backends_hand_over_float32_de_that_rounds_to_their_bf16_de(backend):
+    # Vocabulary-parallel ranks ask for their partial dE in float32 (summed before one rounding): it must be
+    # the same accumulation, only not yet rounded.
+    e, c, t, _ = make_inputs(torch.bfloat16)
+    e, c = e.detach(), c.detach()
+    module = {"torch": chunked, "triton": triton_impl, "gemm": gemm_impl}[backend]
+    lse, _, _, mean_logit = module.forward_stats(e, c, None, t)[:4]
+    g_lse = torch.full_like(lse, 1.0 / N)
+    g_tgt = -g_lse
+    outputs = {}
+    for de_dtype in (None, torch.float32):
+        outputs[de_dtype] = module.backward(e, c, None, t, lse, mean_logit, g_lse, g_tgt, None, None,
+                                            need_de=True, need_dc=False, de_dtype=de_dtype)[0]
+    assert outputs[None].dtype == torch.bfloat16 and outputs[torch.float32].dtype == torch.float32
+    assert torch.equal(outputs[torch.float32].to(torch.bfloat16), outputs[None])
+    assert not torch.equal(outputs[torch.float32], outputs[None].float())  # really unrounded
