@@ -1,4 +1,4 @@
-"""The statistics of the CCE benchmark's "calibrated" regime (issue 3) at any shape, on the CPU.
+"""The statistics of the CCE benchmark's "calibrated" regime (issue 3) at any shape, on the CPU or a GPU.
 
 Prints lmforge.cce.regimes.regime_stats of lmforge.cce.regimes.calibrated_inputs(N, D, V) (bf16), to compare
 with the real regime's (lmforge.cce.regimes.REAL_STATS); ``params`` override keys of
