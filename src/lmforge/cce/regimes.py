@@ -34,6 +34,8 @@ def regime_stats(e, c, targets, *, threshold=THRESHOLD, tile=128, chunk=1024, bi
     if bias is not None:
         mean_logit += bias.float()
     order = torch.argsort(mean_logit, descending=True)
+    sorted_tile = torch.empty_like(order)  # each token's tile column once the vocabulary is sorted
+    sorted_tile[order] = torch.arange(vocab, device=order.device) // tile
     nll, ent, above, tail, skippable = [], [], 0, [], []
     n_vt = math.ceil(vocab / tile)
     occupied = torch.zeros(math.ceil(n / tile), n_vt, dtype=torch.bool)
@@ -60,8 +62,8 @@ def regime_stats(e, c, targets, *, threshold=THRESHOLD, tile=128, chunk=1024, bi
             out[start // tile:start // tile + blocks.shape[0]] = blocks
         # Mass in the sorted tiles of this chunk's row blocks that hold no entry >= threshold.
         kept = occupied_sorted[start // tile:start // tile + math.ceil(p.shape[0] / tile)].to(p.device)
-        kept_cols = kept.repeat_interleave(tile, dim=0)[:p.shape[0]].repeat_interleave(tile, dim=1)[:, :vocab]
-        skippable.append((p[:, order] * ~kept_cols).sum(-1))
+        row_block = torch.arange(p.shape[0], device=p.device) // tile
+        skippable.append((p * ~kept[row_block][:, sorted_tile]).sum(-1))
     tail = torch.cat(tail)
     return dict(nll=float(torch.cat(nll).mean()), entropy=float(torch.cat(ent).mean()),
                 share_above=above / (n * vocab), tail_mass_mean=float(tail.mean()),
