@@ -22,6 +22,7 @@ def main():
     ap.add_argument("--shape", default="gemma2-2b")
     ap.add_argument("--regime", default="calibrated")
     ap.add_argument("--real-path", default=".benchdata/real.safetensors")
+    ap.add_argument("--filter-eps", type=float, help="profile with this gradient-filter budget (default: exact)")
     args = ap.parse_args()
     n, d, v = parse_shape(args.shape)
     e, c, t = make_inputs(args.regime, n, d, v, dtype=torch.bfloat16, device="cuda", real_path=args.real_path)
@@ -30,7 +31,7 @@ def main():
 
     def step():
         e.grad = c.grad = None
-        linear_cross_entropy(e, c, t).backward()
+        linear_cross_entropy(e, c, t, filter_eps=args.filter_eps).backward()
 
     for _ in range(3):
         step()
@@ -38,9 +39,8 @@ def main():
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
-    print(f"{args.shape} / {args.regime}")
+    print(f"{args.shape} / {args.regime} / filter_eps {args.filter_eps}", flush=True)
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
-
 
 
 def memory_probe(n=8192, d=2304, v=256000):

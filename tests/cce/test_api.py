@@ -292,7 +292,8 @@ def test_gradient_filter_skips_tiles_and_stays_accurate():
     # must not change the result beyond summation order (bf16 rounding flips, ~1e-4 relative).
     sorted_only = grads(1e-45)
     coarse = grads(100.0)  # a bound above any mass: every tile without a target is skipped
-    assert auto_filter_eps(torch.bfloat16) == 2 ** -12
+    assert auto_filter_eps(torch.bfloat16) == 2 ** -12 and auto_filter_eps(torch.bfloat16, "fast") == 2 ** -10
+    assert auto_filter_eps(torch.float16) == 2 ** -15 and auto_filter_eps(torch.float32, "fast") is None
     for got, want in zip(sorted_only, exact):
         assert rel_err(got, want) < 1e-3
     assert rel_err(auto[0], e64.grad) < GRAD_TOL[torch.bfloat16]
@@ -324,41 +325,34 @@ def test_gemm_sorted_vocabulary_does_not_change_results(monkeypatch, dtype):
         torch.testing.assert_close(a, b2, rtol=rtol, atol=2e-5)
 
 
-def test_gemm_kept_rows_drop_the_lightest_slabs_within_the_budget():
+def test_gemm_row_depths_drop_the_longest_light_suffix_of_slabs():
     g = torch.Generator().manual_seed(0)
-    slabs, n, cols, eps = 7, 50, 16, 0.05
+    slabs, n, cols, eps = 7, 60, 16, 0.05
     table = 3 * torch.randn(slabs, n, generator=g, dtype=torch.float64)
+    table[4:] -= 4.0  # light trailing slabs, as over a vocabulary sorted by mean logit
     lse = torch.logsumexp(table, 0)
     g_lse = torch.randn(n, generator=g, dtype=torch.float64)
     g_lse[::5] = 0.0  # ignored tokens
     g_tgt = -g_lse
     targets = torch.randint(0, slabs * cols, (n,), generator=g)
     targets[::7] = -1  # a target outside the vocabulary
-    keep = gemm_impl.kept_rows(table.float(), lse.float(), g_lse.float(), g_tgt.float(), targets, cols, eps)
+    depth = gemm_impl.row_depths(table.float(), lse.float(), g_lse.float(), g_tgt.float(), targets, cols, eps)
     mass = torch.exp(table - lse)
     for i in range(n):
-        want = torch.ones(slabs, dtype=torch.bool)
-        if g_lse[i] == 0:
-            want[:] = False
-        else:
-            lost = 0.0
-            for slab in torch.argsort(mass[:, i]).tolist():  # lightest first, while the total stays <= eps
-                if lost + mass[slab, i] > eps:
-                    break
-                lost += float(mass[slab, i])
-                want[slab] = False
+        want = 0
+        if g_lse[i] != 0:
+            # the fewest leading slabs whose complement (a trailing run) holds <= eps of the mass
+            want = next(k for k in range(slabs + 1) if mass[k:, i].sum() <= eps)
         if g_tgt[i] != 0 and targets[i] >= 0:
-            want[targets[i] // cols] = True
-        assert torch.equal(keep[:, i].cpu(), want), i
-    assert 0 < keep.float().mean() < 1
+            want = max(want, int(targets[i]) // cols + 1)
+        assert int(depth[i]) == want, i
+    assert 0 < depth.float().mean() < slabs and int(depth.min()) == 0
 
 
-@pytest.mark.parametrize("dense_share", [0.5, 1.0])
-def test_gemm_gradient_filter_skips_rows_and_stays_accurate(monkeypatch, dense_share):
+def test_gemm_gradient_filter_skips_rows_and_stays_accurate(monkeypatch):
     v = 800
     monkeypatch.setenv("LMFORGE_CCE_SLAB_MB", str(64 * N * 4 / 2**20))  # 64-column slabs: 13 of them
     monkeypatch.setattr(gemm_impl, "FILTER_MIN_D", 1)  # these small test shapes filter too
-    monkeypatch.setattr(gemm_impl, "DENSE_SHARE", dense_share)  # 1.0: every partly kept slab is gathered
     g = torch.Generator().manual_seed(0)
     c = torch.randn(v, D, generator=g)
     t = torch.randint(0, v // 8, (N,), generator=g)
@@ -374,9 +368,11 @@ def test_gemm_gradient_filter_skips_rows_and_stays_accurate(monkeypatch, dense_s
         return e.grad.clone(), c.grad.clone()
 
     exact = grads(None)
-    for got, want in zip(grads("auto"), exact):  # "auto" keeps the GEMM path exact
+    auto = grads(auto_filter_eps(torch.bfloat16))
+    for got, want in zip(grads("auto"), auto):  # "auto" is the dtype's budget
         assert torch.equal(got, want)
-    auto = grads(auto_filter_eps(torch.bfloat16))  # the budget "auto" gives the Triton path
+    for got, want in zip(grads("fast"), grads(2.0 ** -10)):  # so is "fast", a larger one
+        assert torch.equal(got, want)
     sorted_only = grads(1e-45)  # sorts, slabs of zero mass only: summation order alone
     coarse = grads(0.3)  # rows lose up to 30% of their mass
     for got, want in zip(sorted_only, exact):
@@ -391,9 +387,69 @@ def test_gemm_gradient_filter_skips_rows_and_stays_accurate(monkeypatch, dense_s
         lse = gemm_impl.forward_stats(e, c, None, t, perm=perm, slab_lse=table)[0]
         sorted_targets, _ = gemm_impl._permuted(t, None, perm, v)
         ones = torch.ones(N, device=DEVICE)
-        keep = gemm_impl.kept_rows(table, lse, ones, -ones, sorted_targets, gemm_impl.slab_columns(N, v),
-                                   auto_filter_eps(torch.bfloat16))
-    assert keep.float().mean() < 0.9
+        depth = gemm_impl.row_depths(table, lse, ones, -ones, sorted_targets, gemm_impl.slab_columns(N, v),
+                                     auto_filter_eps(torch.bfloat16))
+    assert depth.float().mean() < 0.9 * gemm_impl.n_slabs(N, v)
+
+
+def test_gemm_filtered_rows_in_depth_order_keep_bias_and_ignored_tokens_right(monkeypatch):
+    # Rows are reordered by depth for the filtered products: dE must come back in the tokens' order, db and
+    # dC stay within the bf16 budget of float64, and ignored tokens get exactly zero gradient.
+    v = 800
+    monkeypatch.setenv("LMFORGE_CCE_SLAB_MB", str(64 * N * 4 / 2**20))
+    monkeypatch.setattr(gemm_impl, "FILTER_MIN_D", 1)
+    g = torch.Generator().manual_seed(1)
+    c = torch.randn(v, D, generator=g)
+    t = torch.randint(0, v // 8, (N,), generator=g)
+    e = 0.35 * c[t] + 0.3 * torch.randn(N, D, generator=g)
+    b = 0.5 * torch.randn(v, generator=g)
+    t[::6] = -100
+    e, c, b = (x.to(DEVICE, torch.bfloat16).requires_grad_() for x in (e, c, b))
+    t = t.to(DEVICE)
+    ref, _, (e64, c64, b64) = reference(e, c, t, b)
+    ref.backward()
+    linear_cross_entropy(e, c, t, bias=b, impl="gemm", filter_eps=2.0 ** -10).backward()
+    assert rel_err(e.grad, e64.grad) < GRAD_TOL[torch.bfloat16]
+    assert rel_err(c.grad, c64.grad) < GRAD_TOL[torch.bfloat16]
+    assert rel_err(b.grad, b64.grad) < GRAD_TOL[torch.bfloat16]
+    assert torch.count_nonzero(e.grad[::6]) == 0
+
+
+def test_gemm_runs_exact_when_rows_would_keep_most_slabs(monkeypatch):
+    # Flat softmaxes (random inputs) leave no light trailing slab: the filtered backward falls back to the
+    # exact one in vocabulary order, bit for bit, without the sorted order's gathers; with DENSE_SHARE
+    # above 1 it keeps the sorted order, and the gradients stay as accurate.
+    monkeypatch.setenv("LMFORGE_CCE_SLAB_MB", str(16 * N * 4 / 2**20))
+    monkeypatch.setattr(gemm_impl, "FILTER_MIN_D", 1)
+    e, c, t, _ = make_inputs(torch.bfloat16, scale=0.1)
+    e, c = (x.detach().requires_grad_() for x in (e, c))
+    sorted_slabs = []
+    classifier_slab = gemm_impl._classifier_slab
+
+    def spy(c, perm, *args):
+        sorted_slabs.append(perm is not None)
+        return classifier_slab(c, perm, *args)
+
+    monkeypatch.setattr(gemm_impl, "_classifier_slab", spy)
+
+    def grads(filter_eps):
+        e.grad = c.grad = None
+        sorted_slabs.clear()
+        out = linear_cross_entropy(e, c, t, impl="gemm", filter_eps=filter_eps)
+        forward_sorted = list(sorted_slabs)
+        out.backward()
+        return e.grad.clone(), c.grad.clone(), forward_sorted, sorted_slabs[len(forward_sorted):]
+
+    exact = grads(None)
+    auto = grads("auto")
+    assert not any(exact[2] + exact[3]) and all(auto[2]) and not any(auto[3])
+    for got, want in zip(auto[:2], exact[:2]):
+        assert torch.equal(got, want)
+    monkeypatch.setattr(gemm_impl, "DENSE_SHARE", 1.01)
+    sorted_order = grads("auto")
+    assert all(sorted_order[2]) and all(sorted_order[3])
+    for got, want in zip(sorted_order[:2], exact[:2]):
+        assert rel_err(got, want) < 1e-2
 
 
 def test_gemm_does_not_filter_below_its_minimum_hidden_size(monkeypatch):
@@ -452,7 +508,7 @@ def bad_calls():
         ("label_smoothing", ValueError, lambda: linear_cross_entropy(e, c, t, label_smoothing=1.5)),
         ("z_loss", ValueError, lambda: linear_cross_entropy(e, c, t, z_loss=-1)),
         ("softcap", ValueError, lambda: linear_cross_entropy(e, c, t, softcap=0.0)),
-        ("filter_eps", ValueError, lambda: linear_cross_entropy(e, c, t, filter_eps="fast")),
+        ("filter_eps", ValueError, lambda: linear_cross_entropy(e, c, t, filter_eps="fastest")),
         ("impl must be", ValueError, lambda: linear_cross_entropy(e, c, t, impl="cuda")),
         ("shift=True", ValueError, lambda: linear_cross_entropy(e[:1], c, t[:1], shift=True)),
         ("float64", ValueError, lambda: linear_cross_entropy(e.double(), c.double(), t, impl="triton")),

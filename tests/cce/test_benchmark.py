@@ -9,7 +9,7 @@ from lmforge.cce.benchmark import CCEBenchConfig, markdown_table, run_benchmark
 
 
 def test_benchmark_rows_errors_and_regime_statistics(tmp_path):
-    impls = ("lmforge", "lmforge_exact", "lmforge_filter", "torch")
+    impls = ("lmforge", "lmforge_exact", "lmforge_fast", "torch")
     config = CCEBenchConfig(shapes=["96x32x700"], regimes=("random", "calibrated"), dtype="bfloat16",
                             impls=impls, warmup=0, repeats=1, out_dir=str(tmp_path))
     result = run_benchmark(config, progress=False)
@@ -28,11 +28,11 @@ def test_benchmark_rows_errors_and_regime_statistics(tmp_path):
         for key in ("de_err", "dc_err"):
             assert rows[(regime, "lmforge")][key] <= 1.01 * rows[(regime, "torch")][key], (regime, key)
     for regime in config.regimes:  # on the CPU every lmforge variant is the exact chunked path
-        for impl in ("lmforge_exact", "lmforge_filter"):
+        for impl in ("lmforge_exact", "lmforge_fast"):
             assert rows[(regime, impl)]["de_err"] == rows[(regime, "lmforge")]["de_err"]
     stats = result["regime_stats"]["96x32x700/calibrated"]
     assert set(stats) == {"nll", "entropy", "share_above", "tail_mass_mean", "tail_mass_median", "tiles_sorted",
-                          "tiles_unsorted", "tail_mass_skippable"}
+                          "tiles_unsorted", "tail_mass_skippable", "slabs_kept"}
     assert 0 < stats["tail_mass_median"] < 1 and 0 < stats["tail_mass_mean"] < 1 and 0 < stats["tiles_sorted"] <= 1
     assert "random" not in " ".join(result["regime_stats"])
     table = markdown_table(result)

@@ -27,16 +27,20 @@ IMPLS = ("auto", "torch", "triton", "gemm")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def auto_filter_eps(dtype: torch.dtype) -> float | None:
-    """Gradient-filter threshold used by ``filter_eps="auto"``.
+def auto_filter_eps(dtype: torch.dtype, preset: str = "auto") -> float | None:
+    """Gradient-filter threshold used by ``filter_eps="auto"`` (and by the faster ``"fast"`` preset).
 
-    filter_eps bounds the softmax mass each row may lose to skipped tiles, summed over all of them
-    (each tile of the vocabulary gets an equal share). For 16-bit inputs the bound is eps(dtype) / 32
-    (2^-12 for bfloat16, 2^-15 for float16): a change the gradient's own rounding hides. float32 and
-    float64 inputs are not filtered: their users ask for exact gradients.
+    filter_eps bounds the softmax mass each row may lose to skipped tiles or slabs, summed over all of them.
+    For 16-bit inputs "auto" gives eps(dtype) / 32 (2^-12 for bfloat16, 2^-15 for float16): a change the
+    gradient's own rounding hides (on the H200 tables dE's error vs float64 moves from 4.4e-3 exact to
+    4.6e-3, plain torch in bf16: 8.8e-3). "fast" gives eps(dtype) / 8 (2^-10 for bfloat16), which skips
+    more work for an error about that of plain torch in bf16 (7.1e-3 at the Gemma 2 shape; see
+    docs/benchmarks.md). float32 and float64 inputs are not filtered: their users ask for exact gradients.
     """
+    if preset not in ("auto", "fast"):
+        raise ValueError(f"preset must be 'auto' or 'fast', got {preset!r}")
     if dtype in (torch.bfloat16, torch.float16):
-        return torch.finfo(dtype).eps / 32
+        return torch.finfo(dtype).eps / (8 if preset == "fast" else 32)
     return None
 
 
@@ -147,19 +151,17 @@ def _check_options(reduction, label_smoothing, z_loss, softcap, filter_eps):
         raise ValueError(f"z_loss must be >= 0, got {z_loss}")
     if softcap is not None and not float(softcap) > 0:
         raise ValueError(f"softcap must be None or > 0, got {softcap}")
-    if not (filter_eps is None or filter_eps == "auto" or
-            (isinstance(filter_eps, (int, float)) and filter_eps >= 0)):
-        raise ValueError(f"filter_eps must be 'auto', None or a number >= 0, got {filter_eps!r}")
+    if not (filter_eps is None or filter_eps in ("auto", "fast") or
+            (isinstance(filter_eps, (int, float)) and not isinstance(filter_eps, bool) and filter_eps >= 0)):
+        raise ValueError(f"filter_eps must be 'auto', 'fast', None or a number >= 0, got {filter_eps!r}")
 
 
 def _stats(e2d, c, bias, flat_targets, *, softcap, need_sum, need_mu, filter_eps, impl, shard=None,
            ignore_index=-100):
     impl = _resolve_impl(impl, e2d.device, e2d.dtype)
     eps = filter_eps
-    if filter_eps == "auto":
-        # The GEMM path's row filtering cost more than it saved on real-like data at every shape measured on
-        # the H200 (docs/cce-tuning.md, v3.3), so "auto" keeps that path exact; a number still filters.
-        eps = None if impl == "gemm" else auto_filter_eps(e2d.dtype)
+    if filter_eps in ("auto", "fast"):
+        eps = auto_filter_eps(e2d.dtype, filter_eps)
     if eps == 0:
         eps = None
     softcap = None if softcap is None else float(softcap)
@@ -187,11 +189,12 @@ def linear_cross_entropy(e, c, targets, *, bias=None, ignore_index=-100, softcap
         label_smoothing: epsilon of torch.nn.functional.cross_entropy's label smoothing.
         z_loss: adds z_loss * lse^2 per token (PaLM's auxiliary loss).
         return_lse: also return the per-token log-sum-exp (shape of the per-token loss).
-        filter_eps: gradient filtering threshold; "auto" picks it from the dtype for the "triton" backend
-            (see :func:`auto_filter_eps`) and means exact gradients for "gemm" (there filtering cost more
-            than it saved on real-like data); None computes exact gradients. A number makes "triton" skip
-            logit tiles and "gemm" skip a row's lightest vocabulary slabs (from hidden size
-            ``gemm_impl.FILTER_MIN_D`` (1024) up); "torch" is always exact.
+        filter_eps: gradient filtering: the softmax mass each row may lose to skipped work. "auto" picks it
+            from the dtype (2^-12 for bfloat16, none for float32; see :func:`auto_filter_eps`), "fast" a
+            larger one (2^-10 for bfloat16: faster, dE error about plain torch's in bf16), None computes exact
+            gradients, a number sets it. "triton" skips logit tiles; "gemm" skips each row's lightest
+            trailing vocabulary slabs, from hidden size ``gemm_impl.FILTER_MIN_D`` (1024) up, and runs exact
+            where rows would keep most of the work; "torch" is always exact.
         impl: "triton" (fused kernels; CUDA, or CPU under TRITON_INTERPRET=1), "gemm" (cuBLAS logit
             slabs of ``LMFORGE_CCE_SLAB_MB`` (128) MiB with Triton passes over them: faster on the H200, one
             slab of workspace; see :mod:`lmforge.cce.gemm_impl`), "torch" (chunked, exact,

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lmforge.cce.api import auto_filter_eps, linear_cross_entropy
+from lmforge.cce.api import linear_cross_entropy
 from lmforge.cce.regimes import make_inputs, regime_stats
 from lmforge.files import write_text_atomic
 
@@ -84,10 +84,9 @@ def lmforge_exact_loss(e, c, t):
     return linear_cross_entropy(e, c, t, filter_eps=None)
 
 
-def lmforge_filter_loss(e, c, t):
-    """lmforge's default backend with the gradient filter's 16-bit budget asked for explicitly (the GEMM path
-    is exact under filter_eps="auto")."""
-    return linear_cross_entropy(e, c, t, filter_eps=auto_filter_eps(e.dtype))
+def lmforge_fast_loss(e, c, t):
+    """lmforge's default backend with the faster, less exact gradient-filter preset (filter_eps="fast")."""
+    return linear_cross_entropy(e, c, t, filter_eps="fast")
 
 
 def _torch_linear_cross_entropy():
@@ -117,13 +116,13 @@ def _apple(impl):
 
 
 IMPLEMENTATIONS = {"lmforge": lmforge_loss, "lmforge_triton": lmforge_triton_loss,
-                   "lmforge_exact": lmforge_exact_loss, "lmforge_filter": lmforge_filter_loss, "torch": torch_loss}
+                   "lmforge_exact": lmforge_exact_loss, "lmforge_fast": lmforge_fast_loss, "torch": torch_loss}
 # Peers are imported only when asked for (they are optional, and only some run on the CPU).
 PEERS = {"torch_lce": _torch_linear_cross_entropy, "torch_compile": _torch_compile, "liger": _liger,
          "apple_cce": _apple("cce"), "apple_cce_exact": _apple("cce_exact")}
 # What ``lmforge bench cce --compare`` (and bench/cce_gpu.py) runs side by side: lmforge's backends and every
 # peer on a GPU; on the CPU the ones that run there (Liger's and Apple's kernels need CUDA).
-COMPARE_IMPLS = {"cuda": ("lmforge", "lmforge_filter", "lmforge_triton", "torch", "torch_compile", "liger",
+COMPARE_IMPLS = {"cuda": ("lmforge", "lmforge_exact", "lmforge_fast", "lmforge_triton", "torch", "torch_compile", "liger",
                           "apple_cce", "apple_cce_exact"),
                  "cpu": ("lmforge", "torch", "torch_compile", "torch_lce")}
 

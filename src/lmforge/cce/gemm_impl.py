@@ -17,10 +17,11 @@ rounding to the input dtype.
 Gradient filtering (``filter_eps``): a dense GEMM cannot skip tiles, but it can skip rows. The forward
 visits the vocabulary sorted by mean logit (:func:`lmforge.cce.triton_impl.vocab_order`) and stores every
 row's log-sum-exp over each slab (N x n_slabs floats), so the backward knows each row's softmax mass per
-slab without recomputing anything. Each row drops its lightest slabs while their summed mass stays
-<= filter_eps (:func:`kept_rows`); a slab's three products then run over the gathered rows that keep it.
-On SmolLM2's real activations (8192 tokens, 4096-column slabs, filter_eps 2^-12) rows keep 47% of (slab, row)
-pairs (72% without the sort).
+slab without recomputing anything. Each row drops its longest run of trailing slabs whose summed mass
+stays <= filter_eps (:func:`row_depths`); with rows ordered by how many slabs they keep, each slab's three
+products run over a leading block of rows, at the dense products' rate and with no gathers. On SmolLM2's
+real activations (8192 tokens, 4096-column slabs, filter_eps 2^-12) rows keep 47% of (slab, row) pairs
+(72% without the sort).
 """
 
 from __future__ import annotations
@@ -37,15 +38,14 @@ if HAS_TRITON:
     from lmforge.cce.kernels.slab import slab_grad_kernel, slab_stats_kernel
 
 DEFAULT_SLAB_BYTES = 128 << 20
-# The filtered backward updates the gathered rows of the fp32 dE through blocks of at most this size.
-DE_BLOCK_BYTES = 16 << 20
 # Gradient filtering runs only from this hidden size up: below it the slab products are so cheap that the
-# sort, the per-slab gathers and the scatters cost more than the skipped work (H200, SmolLM2's real data,
-# D = 576: 10.6 ms forward+backward filtered, 5.1 ms exact in an earlier call; Gemma's calibrated data,
-# D = 2304: 48.6 ms filtered, 67.1 exact).
+# sort and the gathered classifier slabs cost more than the skipped work (H200, SmolLM2's real data,
+# D = 576: 10.6 ms forward+backward filtered, 5.1 ms exact in an earlier call).
 FILTER_MIN_D = 1024
-# A slab whose kept rows exceed this share of all rows runs over every row: the few rows saved do not pay
-# for the gathers (E rows, six per-row vectors, a gather and scatter of fp32 dE).
+# When rows keep at least this share of (slab, row) pairs, the backward runs exact over the vocabulary in
+# its own order: the sorted order's costs (a gathered classifier slab per slab, dC scattered back row by
+# row, the rows' permutation) are then larger than the few products saved (H200, Gemma's random inputs,
+# which keep every slab: 71.7 ms forward+backward through the sorted order, 67.3 exact).
 DENSE_SHARE = 0.9
 
 
@@ -64,10 +64,18 @@ def slab_columns(n: int, vocab: int, slab_bytes: int | None = None) -> int:
     return min(cols, vocab)
 
 
-def _blocks(device: torch.device) -> dict:
+def _blocks(device: torch.device, kernel: str) -> dict:
+    """Rows per program, columns per step and warps of the slab kernels ("stats" or "grad").
+
+    H200, one 8192 x 4096 fp32 slab (bench/cce_slab_tune.py, 36 shapes): stats 52.8 us with 4 x 1024 and
+    4 warps (8 x 512: 56.6), the in-place gradient 58.3 us with 8 x 1024 and 8 warps (8 x 512, 4 warps:
+    65.9); pipeline stages made no difference.
+    """
     if device.type != "cuda":  # interpreter: small tiles keep numpy work small
         return dict(BLOCK_N=16, BLOCK_V=16)
-    return dict(BLOCK_N=8, BLOCK_V=512, num_warps=4)
+    if kernel == "stats":
+        return dict(BLOCK_N=4, BLOCK_V=1024, num_warps=4)
+    return dict(BLOCK_N=8, BLOCK_V=1024, num_warps=8)
 
 
 def _launch(cfg: dict) -> dict:
@@ -137,7 +145,7 @@ def forward_stats(e, c, bias, targets, *, softcap=None, need_sum=False, need_mu=
     """
     n, vocab = e.shape[0], c.shape[0]
     cols_per_slab = slab_columns(n, vocab, slab_bytes)
-    cfg = _blocks(e.device)
+    cfg = _blocks(e.device, "stats")
     f32 = dict(dtype=torch.float32, device=e.device)
     m = torch.full((n,), float("-inf"), **f32)
     s = torch.zeros(n, **f32)
@@ -166,25 +174,30 @@ def forward_stats(e, c, bias, targets, *, softcap=None, need_sum=False, need_mu=
     return lse, tgt, (zsum if need_sum else torch.zeros_like(lse)), mean_logit
 
 
-def kept_rows(slab_lse, lse, g_lse, g_tgt, slab_targets, cols_per_slab: int, filter_eps: float) -> torch.Tensor:
-    """(n_slabs, N) bool: which rows each slab's backward must visit.
+def row_depths(slab_lse, lse, g_lse, g_tgt, slab_targets, cols_per_slab: int, filter_eps: float) -> torch.Tensor:
+    """(N,) int64: how many leading slabs (in visiting order) each row's backward must visit.
 
-    Row i loses the slabs of smallest softmax mass, as many as keep their summed mass <= ``filter_eps``
-    (their logit gradients g_lse_i p_ij are what filtering drops), except the slab holding its target when
-    g_tgt_i != 0; a row with g_lse_i = 0 (an ignored token) needs no slab but that one.
+    Row i drops the longest run of trailing slabs whose summed softmax mass stays <= ``filter_eps`` (their
+    logit gradients g_lse_i p_ij are what filtering drops), but keeps every slab up to the one holding its
+    target when g_tgt_i != 0; a row with g_lse_i = 0 (an ignored token) needs no slab beyond that one.
+    Dropping a suffix rather than the lightest slabs anywhere lets rows sorted by depth share each slab's
+    kept rows as one leading block, so the slab's products run on contiguous rows with no gathers (on
+    SmolLM2's real activations, 4096-column slabs, 2^-12: 47.3% of (slab, row) pairs kept against 46.5%).
     """
+    n_slab = slab_lse.shape[0]
     mass = torch.exp(slab_lse - lse[None, :])
-    ordered, order = torch.sort(mass, dim=0)
-    droppable = torch.zeros_like(mass, dtype=torch.bool).scatter_(0, order, ordered.cumsum(0) <= filter_eps)
-    keep = ~droppable
-    if g_lse is not None:
-        keep &= (g_lse != 0)[None, :]
+    trailing = mass.flip(0).cumsum(0).flip(0)  # trailing[k, i]: row i's mass in slabs k, k + 1, ...
+    index = torch.arange(1, n_slab + 1, device=mass.device)[:, None]
+    # The last slab whose trailing mass exceeds the budget, + 1 (robust to a non-monotone rounded cumsum).
+    depth = torch.where(trailing > filter_eps, index, 0).amax(dim=0)
+    if g_lse is None:
+        depth.zero_()
     else:
-        keep.zero_()
+        depth = torch.where(g_lse != 0, depth, 0)
     if g_tgt is not None:
-        rows = torch.nonzero((g_tgt != 0) & (slab_targets >= 0)).squeeze(1)
-        keep[slab_targets[rows] // cols_per_slab, rows] = True
-    return keep
+        has_target = (g_tgt != 0) & (slab_targets >= 0)
+        depth = torch.where(has_target, torch.maximum(depth, slab_targets // cols_per_slab + 1), depth)
+    return depth
 
 
 def backward(e, c, bias, targets, lse, mean_logit, g_lse, g_tgt, g_sum, g_mu, *, softcap=None,
@@ -193,27 +206,34 @@ def backward(e, c, bias, targets, lse, mean_logit, g_lse, g_tgt, g_sum, g_mu, *,
     """Gradients (dE, dC, db) for upstream per-token gradients of the four statistics.
 
     Exact unless ``filter_eps`` and the forward's ``slab_lse`` (same ``perm``) are given and only g_lse /
-    g_tgt are: then each slab's products run over the rows :func:`kept_rows` keeps (gathered), so every row
-    loses at most ``filter_eps`` of its softmax mass to skipped slabs and the skipped work is never done.
-    dE is accumulated in float32 and returned in ``de_dtype`` (default e's dtype).
+    g_tgt are: then rows are ordered by :func:`row_depths` (deepest first) and slab k's products run over
+    the leading rows that still need it, so every row loses at most ``filter_eps`` of its softmax mass to
+    skipped slabs and the skipped work is never done (unless rows would keep >= ``DENSE_SHARE`` of the
+    work: then the backward is exact). dE is accumulated in float32 and returned in
+    ``de_dtype`` (default e's dtype).
     """
     n, d = e.shape
     vocab = c.shape[0]
     cols_per_slab = slab_columns(n, vocab, slab_bytes)
-    cfg = _blocks(e.device)
+    cfg = _blocks(e.device, "grad")
     slab_targets, slab_bias = _permuted(targets, bias, perm, vocab)
-    counts, gathered = None, {}
+    vectors = (lse, mean_logit if g_mu is not None else lse, g_lse if g_lse is not None else lse,
+               g_tgt if g_tgt is not None else lse, g_sum if g_sum is not None else lse,
+               g_mu if g_mu is not None else lse)
+    counts, order = [n] * -(-vocab // cols_per_slab), None
     if filter_eps is not None and slab_lse is not None and g_sum is None and g_mu is None:
-        keep = kept_rows(slab_lse, lse, g_lse, g_tgt, slab_targets, cols_per_slab, filter_eps)
-        # Two host syncs for the whole plan (a count per slab, the rows of the slabs to gather), not one
-        # per slab: each sync idles the GPU while the next slab's launches queue.
-        counts = keep.sum(dim=1).tolist()
-        chosen = [i for i, count in enumerate(counts) if 0 < count <= DENSE_SHARE * n]
-        if chosen:
-            picked = keep.index_select(0, torch.tensor(chosen, device=keep.device))
-            rows_flat = torch.nonzero(picked)[:, 1]  # slab-major, rows ascending within a slab
-            gathered = dict(zip(chosen, torch.split(rows_flat, [counts[i] for i in chosen])))
-        del keep
+        depth = row_depths(slab_lse, lse, g_lse, g_tgt, slab_targets, cols_per_slab, filter_eps)
+        # One host sync for the whole plan: how many rows reach each slab.
+        counts = torch.bincount(depth, minlength=len(counts) + 1).flip(0).cumsum(0).flip(0)[1:].tolist()
+        if sum(counts) >= DENSE_SHARE * n * len(counts):  # too little to skip: exact, in vocabulary order
+            counts, perm = [n] * len(counts), None
+            slab_targets, slab_bias = targets, bias
+        else:  # rows deepest first: slab k's kept rows are the leading counts[k]
+            order = torch.argsort(depth, descending=True, stable=True)
+            e = e.index_select(0, order)
+            vectors = tuple(v.index_select(0, order) for v in vectors)
+            slab_targets = slab_targets.index_select(0, order)
+        del depth
     buffer = torch.empty(n * cols_per_slab, dtype=torch.float32, device=e.device)
     de32 = torch.zeros((n, d), dtype=torch.float32, device=e.device) if need_de else None
     dc = torch.empty_like(c, memory_format=torch.contiguous_format) if need_dc else None
@@ -224,29 +244,23 @@ def backward(e, c, bias, targets, lse, mean_logit, g_lse, g_tgt, g_sum, g_mu, *,
     # dz lives in the logit buffer: in the inputs' dtype, row i over the first bytes of row i of z.
     narrow = buffer.view(e.dtype) if e.dtype != torch.float32 else buffer
     per_z = narrow.numel() // buffer.numel()  # elements of dz per element of z (2 for 16-bit inputs)
-    vectors = (lse, mean_logit if g_mu is not None else lse, g_lse if g_lse is not None else lse,
-               g_tgt if g_tgt is not None else lse, g_sum if g_sum is not None else lse,
-               g_mu if g_mu is not None else lse)
     for index, start in enumerate(range(0, vocab, cols_per_slab)):
         cols = min(cols_per_slab, vocab - start)
         c_slab = _classifier_slab(c, perm, start, cols, c_buffer)
         dc_slab = None
         if need_dc:
             dc_slab = dc[start:start + cols] if perm is None else dc_buffer[:cols]
-        rows = gathered.get(index)  # None: every row (all kept, or so many that gathering does not pay)
-        if counts is not None and counts[index] == 0:
+        k = counts[index]  # rows 0 .. k-1 (in row order) visit this slab
+        if k == 0:
             if dc_slab is not None:
                 dc_slab.zero_()
         else:
-            e_rows = e if rows is None else e.index_select(0, rows)
-            k = e_rows.shape[0]
+            e_rows = e[:k]
             z = _slab_view(buffer, k, cols)
             _logits_into(z, e_rows, c_slab)
             dz = narrow[: k * cols * per_z].view(k, cols * per_z)[:, :cols]
-            row_vectors = vectors if rows is None else tuple(v.index_select(0, rows) for v in vectors)
-            row_targets = slab_targets if rows is None else slab_targets.index_select(0, rows)
             slab_grad_kernel[(triton.cdiv(k, cfg["BLOCK_N"]),)](
-                z, dz, slab_bias if slab_bias is not None else z, row_targets, *row_vectors,
+                z, dz, slab_bias if slab_bias is not None else z, slab_targets, *vectors,
                 k, cols, start, z.stride(0), dz.stride(0), float(softcap) if softcap is not None else 1.0,
                 HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
                 HAS_G_LSE=g_lse is not None, HAS_G_TGT=g_tgt is not None,
@@ -256,15 +270,7 @@ def backward(e, c, bias, targets, lse, mean_logit, g_lse, g_tgt, g_sum, g_mu, *,
             if dc_slab is not None:
                 torch.mm(dz.t(), e_rows, out=dc_slab)
             if need_de:
-                if rows is None:
-                    _accumulate_matmul(de32, dz, c_slab)
-                else:  # gather, accumulate, scatter back, a bounded block of rows at a time
-                    step = max(128, DE_BLOCK_BYTES // (4 * d))
-                    for r0 in range(0, k, step):
-                        part = rows[r0:r0 + step]
-                        de_part = de32.index_select(0, part)
-                        _accumulate_matmul(de_part, dz[r0:r0 + step], c_slab)
-                        de32.index_copy_(0, part, de_part)
+                _accumulate_matmul(de32[:k], dz, c_slab)
             if need_db:
                 db_slab = dz.sum(dim=0, dtype=torch.float32)
                 if perm is None:
@@ -274,6 +280,10 @@ def backward(e, c, bias, targets, lse, mean_logit, g_lse, g_tgt, g_sum, g_mu, *,
         if dc_slab is not None and perm is not None:
             dc.index_copy_(0, perm[start:start + cols].long(), dc_slab)
     del buffer
-    de = de32.to(de_dtype or e.dtype) if need_de else None
+    de = None
+    if need_de:
+        de = de32.to(de_dtype or e.dtype)
+        if order is not None:  # back to the tokens' own rows
+            de = torch.empty_like(de).index_copy_(0, order, de)
     db = db32.to(bias.dtype) if need_db else None
     return de, dc, db
