@@ -32,7 +32,7 @@ def test_regime_stats_against_a_direct_float64_count():
     c = torch.randn(v, d, generator=g)
     t = torch.randint(0, v, (n,), generator=g)
     threshold = 0.05
-    stats = regime_stats(e, c, t, threshold=threshold, tile=tile, chunk=8)
+    stats = regime_stats(e, c, t, threshold=threshold, tile=tile, chunk=8, slab=16)
     p = torch.softmax(e.double() @ c.double().T, -1)
     order = torch.argsort(c.double() @ e.double().mean(0), descending=True)
     assert stats["nll"] == pytest.approx(float(-p[torch.arange(n), t].log().mean()), rel=1e-5)
@@ -53,3 +53,10 @@ def test_regime_stats_against_a_direct_float64_count():
                 skippable[r:r + tile] += block.sum(-1)
     assert 0 < stats["tail_mass_skippable"] < stats["tail_mass_mean"]
     assert stats["tail_mass_skippable"] == pytest.approx(float(skippable.mean()), rel=1e-5)
+    # Slabs of 16 sorted columns (5, the last partial): each row keeps the fewest leading slabs whose
+    # trailing rest holds <= threshold of its mass, and at least its target's slab.
+    target_slab = [int((order == int(t[i])).nonzero()) // 16 for i in range(n)]
+    kept = [max(next(k for k in range(6) if sorted_p[i, 16 * k:].sum() <= threshold), target_slab[i] + 1)
+            for i in range(n)]
+    assert 0 < sum(kept) < 5 * n
+    assert stats["slabs_kept"] == pytest.approx(sum(kept) / (5 * n))

@@ -23,20 +23,25 @@ THRESHOLD = 2.0 ** -12
 
 
 @torch.no_grad()
-def regime_stats(e, c, targets, *, threshold=THRESHOLD, tile=128, chunk=1024, bias=None) -> dict:
+def regime_stats(e, c, targets, *, threshold=THRESHOLD, tile=128, chunk=1024, bias=None, slab=4096) -> dict:
     """Mean NLL and entropy, share of softmax entries >= threshold, probability mass below it per row
     (mean and median), the share of tile x tile (token x vocab) tiles holding an entry >= threshold, with
-    the vocabulary in its own order and sorted by mean logit, and the mean mass per row in the sorted tiles
-    that hold none (``tail_mass_skippable``: what a per-tile filter such as Apple's drops)."""
+    the vocabulary in its own order and sorted by mean logit, the mean mass per row in the sorted tiles
+    that hold none (``tail_mass_skippable``: what a per-tile filter such as Apple's drops), and
+    ``slabs_kept``: the share of (slab, row) pairs the GEMM path's filtered backward visits with a budget
+    of ``threshold`` (each row drops its longest trailing run of ``slab``-column sorted slabs holding at
+    most that much mass, keeping its target's slab; :func:`lmforge.cce.gemm_impl.row_depths`)."""
     n, vocab = e.shape[0], c.shape[0]
     c32 = c.float()
     mean_logit = c32 @ e.float().mean(0)
     if bias is not None:
         mean_logit += bias.float()
     order = torch.argsort(mean_logit, descending=True)
-    sorted_tile = torch.empty_like(order)  # each token's tile column once the vocabulary is sorted
-    sorted_tile[order] = torch.arange(vocab, device=order.device) // tile
-    nll, ent, above, tail, skippable = [], [], 0, [], []
+    position = torch.empty_like(order)  # each token's position once the vocabulary is sorted
+    position[order] = torch.arange(vocab, device=order.device)
+    sorted_tile, sorted_slab = position // tile, position // slab
+    n_slab = math.ceil(vocab / slab)
+    nll, ent, above, tail, skippable, depths = [], [], 0, [], [], []
     n_vt = math.ceil(vocab / tile)
     occupied = torch.zeros(math.ceil(n / tile), n_vt, dtype=torch.bool)
     occupied_sorted = torch.zeros_like(occupied)
@@ -64,17 +69,22 @@ def regime_stats(e, c, targets, *, threshold=THRESHOLD, tile=128, chunk=1024, bi
         kept = occupied_sorted[start // tile:start // tile + math.ceil(p.shape[0] / tile)].to(p.device)
         row_block = torch.arange(p.shape[0], device=p.device) // tile
         skippable.append((p * ~kept[row_block][:, sorted_tile]).sum(-1))
+        slab_mass = torch.zeros(p.shape[0], n_slab, device=p.device).index_add_(1, sorted_slab, p)
+        trailing = slab_mass.flip(1).cumsum(1).flip(1)
+        depth = torch.where(trailing > threshold, torch.arange(1, n_slab + 1, device=p.device), 0).amax(1)
+        depths.append(torch.maximum(depth, sorted_slab[t.long()] + 1))
     tail = torch.cat(tail)
     return dict(nll=float(torch.cat(nll).mean()), entropy=float(torch.cat(ent).mean()),
                 share_above=above / (n * vocab), tail_mass_mean=float(tail.mean()),
                 tail_mass_median=float(tail.median()),
                 tiles_sorted=float(occupied_sorted.float().mean()), tiles_unsorted=float(occupied.float().mean()),
-                tail_mass_skippable=float(torch.cat(skippable).mean()))
+                tail_mass_skippable=float(torch.cat(skippable).mean()),
+                slabs_kept=float(torch.cat(depths).float().mean() / n_slab))
 
 
 # Statistics of the real regime on 8192 tokens (bench/cce_real_data.py); the calibrated generator's target.
 REAL_STATS = dict(nll=1.59, entropy=1.55, share_above=0.0012, tail_mass_mean=0.022, tail_mass_median=0.012,
-                  tiles_sorted=0.58, tiles_unsorted=0.83, tail_mass_skippable=0.00083)
+                  tiles_sorted=0.58, tiles_unsorted=0.83, tail_mass_skippable=0.00083, slabs_kept=0.47)
 
 
 def random_inputs(n, d, v, *, dtype, device, seed=0):
