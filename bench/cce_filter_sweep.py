@@ -1,9 +1,10 @@
 """The GEMM path's knobs on one shape and regime, side by side in one process (GPU).
 
-For the exact default, each gradient-filter budget (``filter_eps``: softmax mass a row may lose to skipped
-slabs) and each slab size (``LMFORGE_CCE_SLAB_MB``): forward and forward+backward time, extra memory and
-relative error against float64 (the measurement of lmforge.cce.benchmark), and for the filtered rows the
-share of (slab, row) pairs the backward keeps (:func:`lmforge.cce.gemm_impl.row_depths`).
+For exact gradients (filter_eps=None), each gradient-filter budget (``filter_eps``: softmax mass a row may
+lose to skipped slabs) and each slab size (``LMFORGE_CCE_SLAB_MB``): forward and forward+backward time,
+extra memory and relative error against float64 (the measurement of lmforge.cce.benchmark), and for the
+filtered rows the share of (slab, row) pairs the backward keeps (:func:`lmforge.cce.gemm_impl.row_depths`).
+``--params`` generates the calibrated regime with overrides of lmforge.cce.regimes.CALIBRATED.
 
     python bench/cce_filter_sweep.py --shape gemma2-2b --regime calibrated --eps 12 10 8 --slab-mb 32 64 --out x.json
 """
@@ -20,7 +21,7 @@ import torch  # noqa: E402
 
 from lmforge.cce import gemm_impl, linear_cross_entropy  # noqa: E402
 from lmforge.cce.benchmark import float64_reference, measure, parse_shape  # noqa: E402
-from lmforge.cce.regimes import make_inputs, regime_stats  # noqa: E402
+from lmforge.cce.regimes import calibrated_inputs, make_inputs, regime_stats  # noqa: E402
 from lmforge.cce.triton_impl import vocab_order  # noqa: E402
 
 
@@ -46,10 +47,15 @@ def main():
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--params", type=json.loads, help="calibrated regime: JSON overrides of regimes.CALIBRATED")
     ap.add_argument("--out")
     args = ap.parse_args()
     n, d, v = parse_shape(args.shape)
-    e, c, t = make_inputs(args.regime, n, d, v, dtype=torch.bfloat16, device=args.device, real_path=args.real_path)
+    if args.params:
+        e, c, t = calibrated_inputs(n, d, v, dtype=torch.bfloat16, device=args.device, params=args.params)
+    else:
+        e, c, t = make_inputs(args.regime, n, d, v, dtype=torch.bfloat16, device=args.device,
+                              real_path=args.real_path)
     ref = float64_reference(e, c, t)
     stats = regime_stats(e, c, t) if args.regime != "random" else {}
     print(args.shape, args.regime, stats, flush=True)
@@ -70,7 +76,8 @@ def main():
     for r in rows:
         print(json.dumps(r), flush=True)
     if args.out:
-        Path(args.out).write_text(json.dumps(dict(shape=args.shape, regime=args.regime, n=n, d=d, v=v,
+        Path(args.out).write_text(json.dumps(dict(shape=args.shape, regime=args.regime, params=args.params,
+                                                  n=n, d=d, v=v,
                                                   device=torch.cuda.get_device_name() if e.is_cuda else "cpu", torch=torch.__version__,
                                                   regime_stats=stats, rows=rows), indent=1))
 

@@ -110,7 +110,7 @@ def random_inputs(n, d, v, *, dtype, device, seed=0):
 CALIBRATED = dict(clusters=3072, clusters_per_row=4, level=7.0, decay=1.0, jitter=1.0, popularity=1.0, zipf=1.3,
                   background=0.5, weight_low=0.8, token_noise=0.3, doc_len=160, pool=16, pool_exponent=0.5,
                   entropy_mean=1.55, entropy_shape=3.0, tail_median=0.012, tail_sigma=1.06, flatten=4.0, lead=15.0,
-                  rounds=12, iters=12)
+                  rounds=12, iters=12, cutoff=None)
 
 
 def _probabilities(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,6 +183,8 @@ def calibrated_inputs(n, d, v, *, dtype, device, seed=0, params=None, chunk=256)
     own = torch.randn(v, dirs, generator=g) / dirs ** 0.5
     rank = torch.randperm(v, generator=g).float() + 1
     prior = -p["zipf"] * torch.log(rank)
+    if p["cutoff"]:  # an exponential cutoff at cutoff x V: the prior's far tail falls away
+        prior -= rank / (p["cutoff"] * v)
     prior -= torch.logsumexp(prior, 0)
     c = torch.cat([weight[:, None] * a[member] + p["token_noise"] * own, prior[:, None]], dim=1)
     popularity = (torch.randperm(groups, generator=g).float() + 1) ** -p["popularity"]
