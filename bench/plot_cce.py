@@ -17,7 +17,8 @@ def main(src, dst):
     result = json.loads(open(src).read())
     rows = [r for r in result["rows"] if "error" not in r]
     groups = sorted({(r["shape"], r["regime"]) for r in rows}, key=lambda g: (g[0], g[1]))
-    impls = [i for i in ("lmforge", "torch", "torch_compile", "liger", "apple_cce", "apple_cce_exact")
+    impls = [i for i in ("lmforge", "lmforge_fast", "lmforge_exact", "torch", "torch_compile", "liger", "apple_cce",
+                         "apple_cce_exact")
              if any(r["impl"] == i for r in rows)]
     fig, axes = plt.subplots(3, 1, figsize=(13, 11), sharex=True)
     x = np.arange(len(groups))
