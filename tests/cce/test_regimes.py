@@ -60,3 +60,15 @@ def test_regime_stats_against_a_direct_float64_count():
             for i in range(n)]
     assert 0 < sum(kept) < 5 * n
     assert stats["slabs_kept"] == pytest.approx(sum(kept) / (5 * n))
+
+
+def test_generator_prior_cutoff_and_member_decay_empty_the_far_vocabulary():
+    # The two probe options (off by default): a cutoff on the prior and a lower group lift for rare tokens
+    # move the rows' mass out of the trailing slabs of the sorted vocabulary, so the filtered backward keeps
+    # fewer of them (docs/cce-tuning.md, "Status after v3.4").
+    n, d, v = 256, 64, 4096
+    base = regime_stats(*calibrated_inputs(n, d, v, dtype=torch.float32, device="cpu", seed=1), slab=256)
+    moved = regime_stats(*calibrated_inputs(n, d, v, dtype=torch.float32, device="cpu", seed=1,
+                                            params={"cutoff": 0.2, "member_decay": [0.3, 0.05]}), slab=256)
+    assert moved["slabs_kept"] < 0.8 * base["slabs_kept"]
+    assert moved["tiles_sorted"] < 0.8 * base["tiles_sorted"]  # the far tiles lose their large entries

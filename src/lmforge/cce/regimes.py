@@ -107,10 +107,14 @@ def random_inputs(n, d, v, *, dtype, device, seed=0):
 # per-tile filter drops, was 4.3x the real one; 1.3 gives 1.4x). Each row's tail mass below 2^-12 is a
 # log-normal draw with the real median and mean (``tail_median``, ``tail_sigma``) and its entropy a Gamma
 # draw with the real mean; both are imposed by bisections (``rounds`` x ``iters`` softmaxes per row block).
+# Probe options, off by default: ``cutoff`` (an exponential cutoff of the prior at cutoff x V) and
+# ``member_decay`` ([knee, width]: tokens rarer than knee x V get exp(-(rank / V - knee) / width) of their
+# group's lift). They bring ``slabs_kept`` to the real value but lower the sorted tile occupancy with it
+# (docs/cce-tuning.md, "Status after v3.4").
 CALIBRATED = dict(clusters=3072, clusters_per_row=4, level=7.0, decay=1.0, jitter=1.0, popularity=1.0, zipf=1.3,
                   background=0.5, weight_low=0.8, token_noise=0.3, doc_len=160, pool=16, pool_exponent=0.5,
                   entropy_mean=1.55, entropy_shape=3.0, tail_median=0.012, tail_sigma=1.06, flatten=4.0, lead=15.0,
-                  rounds=12, iters=12, cutoff=None)
+                  rounds=12, iters=12, cutoff=None, member_decay=None)
 
 
 def _probabilities(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,6 +186,9 @@ def calibrated_inputs(n, d, v, *, dtype, device, seed=0, params=None, chunk=256)
     weight = p["weight_low"] + (1 - p["weight_low"]) * torch.rand(v, generator=g)
     own = torch.randn(v, dirs, generator=g) / dirs ** 0.5
     rank = torch.randperm(v, generator=g).float() + 1
+    if p["member_decay"]:  # tokens rarer than knee x V share less of their group's lift
+        knee, width = p["member_decay"]
+        weight = weight * torch.exp(-torch.relu(rank / v - knee) / width)
     prior = -p["zipf"] * torch.log(rank)
     if p["cutoff"]:  # an exponential cutoff at cutoff x V: the prior's far tail falls away
         prior -= rank / (p["cutoff"] * v)
