@@ -238,23 +238,24 @@ def backward(e, c, bias, targets, lse, mean_logit, g_lse, g_tgt, g_sum, g_mu, *,
     de32 = torch.zeros((n, d), dtype=torch.float32, device=e.device) if need_de else None
     dc = torch.empty_like(c, memory_format=torch.contiguous_format) if need_dc else None
     db32 = torch.zeros(vocab, dtype=torch.float32, device=c.device) if need_db else None
+    # The sorted order gathers each classifier slab into c_buffer; once dE has used it, the slab's dC is
+    # formed there too before it is scattered back to the tokens' rows.
     c_buffer = torch.empty((cols_per_slab, d), dtype=c.dtype, device=c.device) if perm is not None else None
-    dc_buffer = torch.empty((cols_per_slab, d), dtype=c.dtype, device=c.device) if perm is not None and need_dc \
-        else None
     # dz lives in the logit buffer: in the inputs' dtype, row i over the first bytes of row i of z.
     narrow = buffer.view(e.dtype) if e.dtype != torch.float32 else buffer
     per_z = narrow.numel() // buffer.numel()  # elements of dz per element of z (2 for 16-bit inputs)
+    out_dtype = de_dtype or e.dtype
+    z = dz = e_rows = c_slab = dc_slab = None
     for index, start in enumerate(range(0, vocab, cols_per_slab)):
         cols = min(cols_per_slab, vocab - start)
-        c_slab = _classifier_slab(c, perm, start, cols, c_buffer)
-        dc_slab = None
-        if need_dc:
-            dc_slab = dc[start:start + cols] if perm is None else dc_buffer[:cols]
         k = counts[index]  # rows 0 .. k-1 (in row order) visit this slab
+        if need_dc:
+            dc_slab = dc[start:start + cols] if perm is None else c_buffer[:cols]
         if k == 0:
             if dc_slab is not None:
                 dc_slab.zero_()
         else:
+            c_slab = _classifier_slab(c, perm, start, cols, c_buffer)
             e_rows = e[:k]
             z = _slab_view(buffer, k, cols)
             _logits_into(z, e_rows, c_slab)
@@ -267,10 +268,10 @@ def backward(e, c, bias, targets, lse, mean_logit, g_lse, g_tgt, g_sum, g_mu, *,
                 HAS_G_SUM=g_sum is not None, HAS_G_MU=g_mu is not None,
                 BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], **_launch(cfg),
             )
-            if dc_slab is not None:
-                torch.mm(dz.t(), e_rows, out=dc_slab)
             if need_de:
                 _accumulate_matmul(de32[:k], dz, c_slab)
+            if dc_slab is not None:  # after dE: in the sorted order it overwrites the gathered c_slab
+                torch.mm(dz.t(), e_rows, out=dc_slab)
             if need_db:
                 db_slab = dz.sum(dim=0, dtype=torch.float32)
                 if perm is None:
@@ -279,11 +280,14 @@ def backward(e, c, bias, targets, lse, mean_logit, g_lse, g_tgt, g_sum, g_mu, *,
                     db32.index_add_(0, perm[start:start + cols].long(), db_slab)
         if dc_slab is not None and perm is not None:
             dc.index_copy_(0, perm[start:start + cols].long(), dc_slab)
-    del buffer
+    # Free the workspace (the views hold the slab's storage) and the permuted rows before dE's conversion,
+    # so that the conversion's copies do not add to the slab's peak.
+    z = dz = e_rows = c_slab = dc_slab = narrow = buffer = c_buffer = e = None
     de = None
     if need_de:
-        de = de32.to(de_dtype or e.dtype)
+        de = de32.to(out_dtype)
         if order is not None:  # back to the tokens' own rows
+            de32 = None
             de = torch.empty_like(de).index_copy_(0, order, de)
     db = db32.to(bias.dtype) if need_db else None
     return de, dc, db
