@@ -198,7 +198,7 @@ def backward(e, c, bias, targets, lse, mean_logit, g_lse, g_tgt, g_sum, g_mu, *,
     slab = slab_columns(n, vocab, e.device, max(cfg["BLOCK_V"], map_v))
     dz = torch.empty((n, slab), dtype=e.dtype, device=e.device)
     de32 = torch.zeros((n, d), dtype=torch.float32, device=e.device) if need_de else None
-    dc = torch.empty_like(c) if need_dc else None
+    dc = torch.empty_like(c, memory_format=torch.contiguous_format) if need_dc else None
     db32 = torch.zeros(vocab, dtype=torch.float32, device=c.device) if need_db else None
     dummy = lse
     # filter_eps bounds the probability mass a row may lose in all: each of the map's tiles gets an equal
@@ -232,13 +232,12 @@ def backward(e, c, bias, targets, lse, mean_logit, g_lse, g_tgt, g_sum, g_mu, *,
         else:
             index, c_slab = None, c[start:start + cols]
         if need_dc:
-            # The whole token dimension in one product: dC rows are complete and rounded once.
-            dc_slab = dz_slab.t() @ e
+            # The whole token dimension in one product: dC rows are complete and rounded once (straight into
+            # dC in vocabulary order; through a temporary when the slab's rows are scattered).
             if index is None:
-                dc[start:start + cols] = dc_slab
+                torch.mm(dz_slab.t(), e, out=dc[start:start + cols])
             else:
-                dc.index_copy_(0, index, dc_slab)
-            del dc_slab
+                dc.index_copy_(0, index, dz_slab.t() @ e)
         if need_de:
             _accumulate_matmul(de32, dz_slab, c_slab)
         if need_db:
@@ -247,7 +246,7 @@ def backward(e, c, bias, targets, lse, mean_logit, g_lse, g_tgt, g_sum, g_mu, *,
                 db32[start:start + cols] += col_sum
             else:
                 db32.index_add_(0, index, col_sum)
-    del dz
+    dz = dz_slab = c_slab = None  # the slab's views hold its storage: free it before dE's conversion
     de = de32.to(de_dtype or e.dtype) if need_de else None
     db = db32.to(bias.dtype) if need_db else None
     return de, dc, db
