@@ -48,9 +48,12 @@ def main():
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--params", type=json.loads, help="calibrated regime: JSON overrides of regimes.CALIBRATED")
+    ap.add_argument("--filter-min-d", type=int, help="override gemm_impl.FILTER_MIN_D (e.g. 1 to filter at D = 576)")
     ap.add_argument("--out")
     args = ap.parse_args()
     n, d, v = parse_shape(args.shape)
+    if args.filter_min_d is not None:
+        gemm_impl.FILTER_MIN_D = args.filter_min_d
     if args.params:
         e, c, t = calibrated_inputs(n, d, v, dtype=torch.bfloat16, device=args.device, params=args.params)
     else:
@@ -76,9 +79,9 @@ def main():
     for r in rows:
         print(json.dumps(r), flush=True)
     if args.out:
+        device = torch.cuda.get_device_name() if e.is_cuda else "cpu"
         Path(args.out).write_text(json.dumps(dict(shape=args.shape, regime=args.regime, params=args.params,
-                                                  n=n, d=d, v=v,
-                                                  device=torch.cuda.get_device_name() if e.is_cuda else "cpu", torch=torch.__version__,
+                                                  n=n, d=d, v=v, device=device, torch=torch.__version__,
                                                   regime_stats=stats, rows=rows), indent=1))
 
 

@@ -122,8 +122,8 @@ PEERS = {"torch_lce": _torch_linear_cross_entropy, "torch_compile": _torch_compi
          "apple_cce": _apple("cce"), "apple_cce_exact": _apple("cce_exact")}
 # What ``lmforge bench cce --compare`` (and bench/cce_gpu.py) runs side by side: lmforge's backends and every
 # peer on a GPU; on the CPU the ones that run there (Liger's and Apple's kernels need CUDA).
-COMPARE_IMPLS = {"cuda": ("lmforge", "lmforge_exact", "lmforge_fast", "lmforge_triton", "torch", "torch_compile", "liger",
-                          "apple_cce", "apple_cce_exact"),
+COMPARE_IMPLS = {"cuda": ("lmforge", "lmforge_exact", "lmforge_fast", "lmforge_triton", "torch", "torch_compile",
+                          "liger", "apple_cce", "apple_cce_exact"),
                  "cpu": ("lmforge", "torch", "torch_compile", "torch_lce")}
 
 
