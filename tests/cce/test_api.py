@@ -452,6 +452,44 @@ def test_gemm_runs_exact_when_rows_would_keep_most_slabs(monkeypatch):
         assert rel_err(got, want) < 1e-2
 
 
+def test_gemm_presets_filter_only_where_slabs_are_narrow(monkeypatch):
+    # "auto" and "fast" filter the GEMM path only while its slabs are at most FILTER_MAX_COLS wide (the
+    # token counts where filtering was measured to pay); wider, they are exact, bit for bit and without
+    # sorting, while an explicit budget still filters.
+    monkeypatch.setenv("LMFORGE_CCE_SLAB_MB", str(64 * N * 4 / 2**20))  # 64-column slabs
+    monkeypatch.setattr(gemm_impl, "FILTER_MIN_D", 1)
+    v = 800
+    g = torch.Generator().manual_seed(0)
+    c = torch.randn(v, D, generator=g)
+    t = torch.randint(0, v // 8, (N,), generator=g)
+    e = 0.35 * c[t] + 0.3 * torch.randn(N, D, generator=g)
+    e, c = (x.to(DEVICE, torch.bfloat16).requires_grad_() for x in (e, c))
+    t = t.to(DEVICE)
+    sorted_slabs = []
+    classifier_slab = gemm_impl._classifier_slab
+
+    def spy(c, perm, *args):
+        sorted_slabs.append(perm is not None)
+        return classifier_slab(c, perm, *args)
+
+    monkeypatch.setattr(gemm_impl, "_classifier_slab", spy)
+
+    def grads(filter_eps):
+        e.grad = c.grad = None
+        sorted_slabs.clear()
+        linear_cross_entropy(e, c, t, impl="gemm", filter_eps=filter_eps).backward()
+        return e.grad.clone(), c.grad.clone(), any(sorted_slabs)
+
+    exact = grads(None)
+    assert gemm_impl.presets_filter(N, v) and grads("auto")[2] and grads("fast")[2]
+    monkeypatch.setattr(gemm_impl, "FILTER_MAX_COLS", 32)
+    assert not gemm_impl.presets_filter(N, v)
+    for preset in ("auto", "fast"):
+        got = grads(preset)
+        assert not got[2] and torch.equal(got[0], exact[0]) and torch.equal(got[1], exact[1])
+    assert grads(2.0 ** -10)[2]
+
+
 def test_gemm_does_not_filter_below_its_minimum_hidden_size(monkeypatch):
     # Below FILTER_MIN_D the GEMM path neither sorts nor filters: "auto" gives the exact gradients bit for
     # bit. Above it (here forced with a tiny minimum) a coarse budget changes them.

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lmforge.cce import parallel, triton_impl
+from lmforge.cce import gemm_impl, parallel, triton_impl
 from lmforge.cce.autograd import LinearStats
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -162,6 +162,8 @@ def _stats(e2d, c, bias, flat_targets, *, softcap, need_sum, need_mu, filter_eps
     eps = filter_eps
     if filter_eps in ("auto", "fast"):
         eps = auto_filter_eps(e2d.dtype, filter_eps)
+        if impl == "gemm" and not gemm_impl.presets_filter(e2d.shape[0], c.shape[0]):
+            eps = None
     if eps == 0:
         eps = None
     softcap = None if softcap is None else float(softcap)
@@ -194,7 +196,8 @@ def linear_cross_entropy(e, c, targets, *, bias=None, ignore_index=-100, softcap
             larger one (2^-10 for bfloat16: faster, dE error about plain torch's in bf16), None computes exact
             gradients, a number sets it. "triton" skips logit tiles; "gemm" skips each row's lightest
             trailing vocabulary slabs, from hidden size ``gemm_impl.FILTER_MIN_D`` (1024) up, and runs exact
-            where rows would keep most of the work; "torch" is always exact.
+            where rows would keep most of the work; under the presets only at the token counts where that
+            was measured to pay (``gemm_impl.presets_filter``: 8192+ tokens); "torch" is always exact.
         impl: "triton" (fused kernels; CUDA, or CPU under TRITON_INTERPRET=1), "gemm" (cuBLAS logit
             slabs of ``LMFORGE_CCE_SLAB_MB`` (128) MiB with Triton passes over them: faster on the H200, one
             slab of workspace; see :mod:`lmforge.cce.gemm_impl`), "torch" (chunked, exact,

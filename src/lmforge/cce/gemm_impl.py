@@ -50,6 +50,19 @@ FILTER_MIN_D = 1024
 DENSE_SHARE = 0.9
 
 
+# The presets ("auto", "fast") filter only where slabs are at most this wide: 4096 columns (8192+ tokens with
+# the default 128 MiB slab) is where filtering was measured to pay on the H200. With fewer tokens the slabs
+# widen, so a row skips less (coarser slabs) while the sorted order's gathered classifier slab grows (cols x
+# D x 2 bytes: 96 MiB for 1536 tokens at D = 2304); that regime is not measured, so the presets stay exact
+# there (an explicit filter_eps still filters).
+FILTER_MAX_COLS = 4096
+
+
+def presets_filter(n: int, vocab: int, slab_bytes: int | None = None) -> bool:
+    """Whether filter_eps "auto" / "fast" filter the GEMM path for n tokens (see FILTER_MAX_COLS)."""
+    return slab_columns(n, vocab, slab_bytes) <= FILTER_MAX_COLS
+
+
 def filters(d: int) -> bool:
     """Whether the GEMM path filters gradients at hidden size ``d`` (see FILTER_MIN_D)."""
     return d >= FILTER_MIN_D
