@@ -349,16 +349,35 @@ def test_gemm_row_depths_drop_the_longest_light_suffix_of_slabs():
     assert 0 < depth.float().mean() < slabs and int(depth.min()) == 0
 
 
+def sharp_rows(v, seed=0):
+    """bf16 (e, c, targets) with sharper rows than peaked_inputs': NLL ~0.4 nats, ~58 entries >= 2^-12 per
+    row at v = 800, targets in the first eighth of the vocabulary."""
+    g = torch.Generator().manual_seed(seed)
+    c = torch.randn(v, D, generator=g)
+    t = torch.randint(0, v // 8, (N,), generator=g)
+    e = 0.35 * c[t] + 0.3 * torch.randn(N, D, generator=g)
+    e, c = (x.to(DEVICE, torch.bfloat16).requires_grad_() for x in (e, c))
+    return e, c, t.to(DEVICE)
+
+
+def spy_sorted_slabs(monkeypatch):
+    """A list that records, for each classifier slab the GEMM path takes, whether it was in sorted order."""
+    sorted_slabs = []
+    classifier_slab = gemm_impl._classifier_slab
+
+    def spy(c, perm, *args):
+        sorted_slabs.append(perm is not None)
+        return classifier_slab(c, perm, *args)
+
+    monkeypatch.setattr(gemm_impl, "_classifier_slab", spy)
+    return sorted_slabs
+
+
 def test_gemm_gradient_filter_skips_rows_and_stays_accurate(monkeypatch):
     v = 800
     monkeypatch.setenv("LMFORGE_CCE_SLAB_MB", str(64 * N * 4 / 2**20))  # 64-column slabs: 13 of them
     monkeypatch.setattr(gemm_impl, "FILTER_MIN_D", 1)  # these small test shapes filter too
-    g = torch.Generator().manual_seed(0)
-    c = torch.randn(v, D, generator=g)
-    t = torch.randint(0, v // 8, (N,), generator=g)
-    e = 0.35 * c[t] + 0.3 * torch.randn(N, D, generator=g)  # NLL ~0.4 nats, ~58 entries >= 2^-12 per row
-    e, c = (x.to(DEVICE, torch.bfloat16).requires_grad_() for x in (e, c))
-    t = t.to(DEVICE)
+    e, c, t = sharp_rows(v)
     ref, _, (e64, c64, _) = reference(e, c, t)
     ref.backward()
 
@@ -423,14 +442,7 @@ def test_gemm_runs_exact_when_rows_would_keep_most_slabs(monkeypatch):
     monkeypatch.setattr(gemm_impl, "FILTER_MIN_D", 1)
     e, c, t, _ = make_inputs(torch.bfloat16, scale=0.1)
     e, c = (x.detach().requires_grad_() for x in (e, c))
-    sorted_slabs = []
-    classifier_slab = gemm_impl._classifier_slab
-
-    def spy(c, perm, *args):
-        sorted_slabs.append(perm is not None)
-        return classifier_slab(c, perm, *args)
-
-    monkeypatch.setattr(gemm_impl, "_classifier_slab", spy)
+    sorted_slabs = spy_sorted_slabs(monkeypatch)
 
     def grads(filter_eps):
         e.grad = c.grad = None
@@ -459,20 +471,8 @@ def test_gemm_presets_filter_only_where_slabs_are_narrow(monkeypatch):
     monkeypatch.setenv("LMFORGE_CCE_SLAB_MB", str(64 * N * 4 / 2**20))  # 64-column slabs
     monkeypatch.setattr(gemm_impl, "FILTER_MIN_D", 1)
     v = 800
-    g = torch.Generator().manual_seed(0)
-    c = torch.randn(v, D, generator=g)
-    t = torch.randint(0, v // 8, (N,), generator=g)
-    e = 0.35 * c[t] + 0.3 * torch.randn(N, D, generator=g)
-    e, c = (x.to(DEVICE, torch.bfloat16).requires_grad_() for x in (e, c))
-    t = t.to(DEVICE)
-    sorted_slabs = []
-    classifier_slab = gemm_impl._classifier_slab
-
-    def spy(c, perm, *args):
-        sorted_slabs.append(perm is not None)
-        return classifier_slab(c, perm, *args)
-
-    monkeypatch.setattr(gemm_impl, "_classifier_slab", spy)
+    e, c, t = sharp_rows(v)
+    sorted_slabs = spy_sorted_slabs(monkeypatch)
 
     def grads(filter_eps):
         e.grad = c.grad = None
