@@ -561,6 +561,25 @@ def test_bad_input_raises_clear_error(index):
         call()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the deferred check runs on CUDA only")
+@pytest.mark.parametrize("impl", ["gemm", "triton", "torch"])
+def test_cuda_targets_out_of_range_raise_after_the_kernels_are_queued(impl):
+    # On CUDA the range test is read back after the loss's kernels are queued; the ValueError must still
+    # come (for both entry points), with the first bad value and the count, and a good call afterwards
+    # must be unaffected.
+    e, c, t, _ = make_inputs(torch.bfloat16)
+    e, c, t = e.detach().cuda(), c.detach().cuda(), t.cuda()
+    bad = t.clone()
+    bad[3], bad[7] = V + 5, -2
+    with pytest.raises(ValueError, match=rf"found {V + 5} \(2 bad entries\)"):
+        linear_cross_entropy(e, c, bad, impl=impl)
+    with pytest.raises(ValueError, match="targets must lie in"):
+        token_logprobs(e, c, bad, impl=impl)
+    good = linear_cross_entropy(e, c, t, impl=impl, filter_eps=None)
+    ref = F.cross_entropy((e.double() @ c.double().T), t)
+    assert abs(good.item() - ref.item()) < 2e-2 * abs(ref.item())
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton", "gemm"])
 def test_backends_hand_over_float32_de_that_rounds_to_their_bf16_de(backend):
     # Vocabulary-parallel ranks ask for their partial dE in float32 (summed before one rounding): it must be

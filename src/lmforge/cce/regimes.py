@@ -114,7 +114,7 @@ def random_inputs(n, d, v, *, dtype, device, seed=0):
 CALIBRATED = dict(clusters=3072, clusters_per_row=4, level=7.0, decay=1.0, jitter=1.0, popularity=1.0, zipf=1.3,
                   background=0.5, weight_low=0.8, token_noise=0.3, doc_len=160, pool=16, pool_exponent=0.5,
                   entropy_mean=1.55, entropy_shape=3.0, tail_median=0.012, tail_sigma=1.06, flatten=4.0, lead=15.0,
-                  rounds=12, iters=12, cutoff=None, member_decay=None)
+                  rounds=12, iters=12, cutoff=None, member_decay=None, narrow=None)
 
 
 def _probabilities(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,7 +179,8 @@ def calibrated_inputs(n, d, v, *, dtype, device, seed=0, params=None, chunk=256)
     """
     p = dict(CALIBRATED, **(params or {}))
     g = torch.Generator().manual_seed(seed)
-    dirs, groups, per_row = d - 1, p["clusters"], p["clusters_per_row"]
+    extra = 1 if p["narrow"] else 0  # a coordinate for the rows' own cutoffs
+    dirs, groups, per_row = d - 1 - extra, p["clusters"], p["clusters_per_row"]
     a = torch.randn(groups, dirs, generator=g)
     a /= a.norm(dim=1, keepdim=True)
     member = torch.randperm(v, generator=g) % groups
@@ -193,7 +194,11 @@ def calibrated_inputs(n, d, v, *, dtype, device, seed=0, params=None, chunk=256)
     if p["cutoff"]:  # an exponential cutoff at cutoff x V: the prior's far tail falls away
         prior -= rank / (p["cutoff"] * v)
     prior -= torch.logsumexp(prior, 0)
-    c = torch.cat([weight[:, None] * a[member] + p["token_noise"] * own, prior[:, None]], dim=1)
+    columns = [weight[:, None] * a[member] + p["token_noise"] * own, prior[:, None]]
+    if extra:  # narrow rows: logit - rank / (cutoff V); wide rows (share ``wide``) keep the plain prior
+        wide, row_cutoff = p["narrow"]
+        columns.insert(1, -(rank / v)[:, None])
+    c = torch.cat(columns, dim=1)
     popularity = (torch.randperm(groups, generator=g).float() + 1) ** -p["popularity"]
     n_docs = math.ceil(n / p["doc_len"])
     pool = max(1, round(p["pool"] * (v / 49152) ** p["pool_exponent"]))
@@ -207,13 +212,17 @@ def calibrated_inputs(n, d, v, *, dtype, device, seed=0, params=None, chunk=256)
     target_entropy = torch.distributions.Gamma(shape, shape / p["entropy_mean"]).sample((n,))
     target_entropy = target_entropy.clamp(0.05, 0.8 * math.log(v))
     target_tail = (p["tail_median"] * torch.exp(p["tail_sigma"] * torch.randn(n, generator=g))).clamp(1e-4, 0.3)
+    if extra:
+        beta = (torch.rand(n, generator=g) >= wide).float() / row_cutoff
     c_dev = c.to(device)
     e_rows, targets = [], []
     for start in range(0, n, chunk):
         rows = slice(start, min(n, start + chunk))
         m = rows.stop - start
-        zero = torch.zeros(m, 1)
-        background = torch.cat([p["background"] * torch.randn(m, dirs, generator=g), torch.ones(m, 1)], dim=1)
+        zero = torch.zeros(m, 1 + extra)
+        own_cut = [beta[rows, None]] if extra else []
+        background = torch.cat([p["background"] * torch.randn(m, dirs, generator=g), *own_cut, torch.ones(m, 1)],
+                               dim=1)
         level_dir = torch.cat([a[chosen[rows]].sum(1), zero], dim=1)
         below_top = heights[rows] - heights[rows].max(dim=1, keepdim=True).values
         spread_dir = torch.cat([(below_top[:, :, None] * a[chosen[rows]]).sum(1), zero], dim=1)
