@@ -1,8 +1,9 @@
 """The calibrated data regime against the statistics measured on real SmolLM2 activations (REAL_STATS).
 
 Issue 3 asks for NLL, entropy, tail mass below 2^-12 and sorted tile occupancy within 20% of the real
-regime; the tail's median and the unsorted occupancy are held to it too. The share of entries >= 2^-12 and
-the tail's mass in tiles holding no large entry are checked to a factor of 2.
+regime; the tail's median, the unsorted occupancy and the share of sorted slabs the filtered backward keeps
+are held to it too. The share of entries >= 2^-12 and the tail's mass in tiles holding no large entry are
+checked to a factor of 2.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from lmforge.cce.regimes import REAL_STATS, calibrated_inputs, regime_stats
 @pytest.mark.timeout(600)
 def test_calibrated_regime_matches_the_real_softmax_statistics_at_the_smollm2_shape():
     stats = regime_stats(*calibrated_inputs(512, 576, 49152, dtype=torch.bfloat16, device="cpu", seed=0))
-    for key in ("nll", "entropy", "tail_mass_mean", "tail_mass_median", "tiles_sorted", "tiles_unsorted"):
+    for key in ("nll", "entropy", "tail_mass_mean", "tail_mass_median", "tiles_sorted", "tiles_unsorted",
+                "slabs_kept"):
         assert stats[key] == pytest.approx(REAL_STATS[key], rel=0.2), key
     assert REAL_STATS["share_above"] / 2 < stats["share_above"] < REAL_STATS["share_above"] * 2
     # The tail's mass in tiles without a large entry (what a per-tile filter drops): 1.4x the real one here,
@@ -72,3 +74,21 @@ def test_generator_prior_cutoff_and_member_decay_empty_the_far_vocabulary():
                                             params={"cutoff": 0.2, "member_decay": [0.3, 0.05]}), slab=256)
     assert moved["slabs_kept"] < 0.8 * base["slabs_kept"]
     assert moved["tiles_sorted"] < 0.8 * base["tiles_sorted"]  # the far tiles lose their large entries
+
+
+def test_generator_narrow_rows_keep_their_mass_in_the_sorted_head():
+    # 'narrow' = [wide share, cutoff]: the narrow rows fall off with the token's rank, so the filtered
+    # backward keeps fewer trailing slabs the fewer rows are wide; with every row wide, the rank coordinate
+    # is zero and the far slabs are visited as without the option.
+    n, d, v = 256, 64, 4096
+
+    def stats(narrow):
+        params = {"narrow": narrow, "entropy_mean": 1.55, "tail_sigma": 1.06}
+        return regime_stats(*calibrated_inputs(n, d, v, dtype=torch.float32, device="cpu", seed=1, params=params),
+                            slab=256)
+
+    none, third, every = stats(None), stats([0.35, 0.05]), stats([0.0, 0.05])
+    wide = stats([1.0, 0.05])
+    assert every["slabs_kept"] < third["slabs_kept"] < none["slabs_kept"]
+    assert every["slabs_kept"] < 0.7 * none["slabs_kept"]
+    assert wide["slabs_kept"] == pytest.approx(none["slabs_kept"], rel=0.15)

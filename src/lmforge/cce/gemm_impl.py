@@ -39,9 +39,9 @@ if HAS_TRITON:
 
 DEFAULT_SLAB_BYTES = 128 << 20
 # Gradient filtering runs only from this hidden size up: below it the slab products are so cheap that the
-# sort and the gathered classifier slabs may cost more than the skipped work (H200, SmolLM2's real data,
-# D = 576: 10.6 ms forward+backward filtered, 5.1 ms exact with v3.1's per-slab row gathers; not re-measured
-# for the gather-free v3.4).
+# sort, the per-slab log-sum-exp table and the gathered classifier slabs cost more than the skipped work
+# (H200, SmolLM2's real data, D = 576, rows in depth order (v3.4): 5.32 ms forward+backward exact, 8.64
+# filtered at 2^-12, 10.1 at 2^-10; bench/cce_filter_sweep.py --filter-min-d 1).
 FILTER_MIN_D = 1024
 # When rows keep at least this share of (slab, row) pairs, the backward runs exact over the vocabulary in
 # its own order: the sorted order's costs (a gathered classifier slab per slab, dC scattered back row by
