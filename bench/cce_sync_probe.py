@@ -1,11 +1,12 @@
 """What the public API's target-range check costs: it reads one number back to the host on every call.
 
 ``linear_cross_entropy`` checks that targets lie in [0, V) or equal ignore_index and raises a ValueError
-otherwise. This probe times the forward and the forward+backward with the check as shipped (its answer
-read after the loss's kernels are queued: :func:`lmforge.cce.api._target_check`), read before them
-(``blocking``: the host waits for the GPU before the first launch, as before) and skipped
-(``unchecked``), alternating the three over several rounds so drift hits all alike, and prints the
-medians as JSON. CUDA only.
+otherwise (on CUDA an asynchronous device-side assertion: :func:`lmforge.cce.api._target_check`). This probe
+times the forward and the forward+backward with the check as shipped (``shipped``: the assertion queued
+after the loss's kernels), read back after the kernels (``sync_after``: LMFORGE_CCE_SYNC_CHECK=1, a
+ValueError), read back before them (``blocking``: the host waits for the GPU before the first launch, the
+first version) and skipped (``unchecked``), alternating the four over several rounds so drift hits all
+alike, and prints the medians as JSON. CUDA only.
 
     python bench/cce_sync_probe.py --shape 8192 576 49152 --rounds 5
 """
@@ -13,6 +14,7 @@ medians as JSON. CUDA only.
 import argparse
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -47,13 +49,22 @@ def main():
         e.grad = c.grad = None
         api.linear_cross_entropy(e, c, t).backward()
 
+    def sync_checked(*args, **kwargs):
+        os.environ["LMFORGE_CCE_SYNC_CHECK"] = "1"
+        try:
+            return checked(*args, **kwargs)
+        finally:
+            os.environ.pop("LMFORGE_CCE_SYNC_CHECK")
+
     def blocking(*args, **kwargs):
-        *prepared, check = checked(*args, **kwargs)
+        *prepared, check = sync_checked(*args, **kwargs)
         check()
         return (*prepared, api._no_check)
 
-    variants = dict(shipped=checked, blocking=blocking, unchecked=functools.partial(checked, check_targets=False))
+    variants = dict(shipped=checked, sync_after=sync_checked, blocking=blocking,
+                    unchecked=functools.partial(checked, check_targets=False))
     times = {(name, kind): [] for name in variants for kind in ("fwd", "fwd_bwd")}
+    os.environ.pop("LMFORGE_CCE_SYNC_CHECK", None)
     try:
         for _ in range(args.rounds):
             for name, prepare in variants.items():

@@ -4,6 +4,10 @@ Both backends run here: "torch" (chunked) and "triton" (real kernels on CUDA, th
 Shapes are deliberately not multiples of any block size.
 """
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -561,12 +565,13 @@ def test_bad_input_raises_clear_error(index):
         call()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the deferred check runs on CUDA only")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA target check")
 @pytest.mark.parametrize("impl", ["gemm", "triton", "torch"])
-def test_cuda_targets_out_of_range_raise_after_the_kernels_are_queued(impl):
-    # On CUDA the range test is read back after the loss's kernels are queued; the ValueError must still
-    # come (for both entry points), with the first bad value and the count, and a good call afterwards
-    # must be unaffected.
+def test_cuda_targets_out_of_range_raise_with_the_sync_check(impl, monkeypatch):
+    # LMFORGE_CCE_SYNC_CHECK=1: the range test is read back after the loss's kernels are queued and raises
+    # the CPU's ValueError (first bad value and count) for both entry points; a good call afterwards is
+    # unaffected.
+    monkeypatch.setenv("LMFORGE_CCE_SYNC_CHECK", "1")
     e, c, t, _ = make_inputs(torch.bfloat16)
     e, c, t = e.detach().cuda(), c.detach().cuda(), t.cuda()
     bad = t.clone()
@@ -578,6 +583,28 @@ def test_cuda_targets_out_of_range_raise_after_the_kernels_are_queued(impl):
     good = linear_cross_entropy(e, c, t, impl=impl, filter_eps=None)
     ref = F.cross_entropy((e.double() @ c.double().T), t)
     assert abs(good.item() - ref.item()) < 2e-2 * abs(ref.item())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA target check")
+def test_cuda_targets_out_of_range_trip_a_device_assertion_by_default():
+    # By default the test is a device-side assertion (no host stall), which ends the CUDA context: run it in
+    # a child process, which must fail with the assertion; the same call with good targets must succeed.
+    code = (
+        "import sys, torch\n"
+        "from lmforge.cce import linear_cross_entropy\n"
+        "e = torch.randn(64, 32, device='cuda', dtype=torch.bfloat16)\n"
+        "c = torch.randn(100, 32, device='cuda', dtype=torch.bfloat16)\n"
+        "t = torch.randint(0, 100, (64,), device='cuda')\n"
+        "t[5] = int(sys.argv[1])\n"
+        "print(float(linear_cross_entropy(e, c, t)))\n"
+    )
+    env = {k: x for k, x in os.environ.items() if k != "LMFORGE_CCE_SYNC_CHECK"}
+    ok = subprocess.run([sys.executable, "-c", code, "7"], capture_output=True, text=True, env=env, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    failed = subprocess.run([sys.executable, "-c", code, "100"], capture_output=True, text=True, env=env,
+                            timeout=300)
+    assert failed.returncode != 0
+    assert "device-side assert" in failed.stderr, failed.stderr[-2000:]
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton", "gemm"])

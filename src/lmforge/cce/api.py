@@ -16,6 +16,8 @@ and the statistics are combined over the group: see :mod:`lmforge.cce.parallel`.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
@@ -116,27 +118,42 @@ def _no_check():
 
 
 def _target_check(flat_targets, vocab, ignore_index):
-    """A function that raises a ValueError if some target is neither in [0, vocab) nor ignore_index.
+    """A function that reports targets neither in [0, vocab) nor ignore_index.
 
-    On the CPU the test runs (and raises) here. On CUDA the returned function runs it, to be called once
-    the loss's kernels are queued (every kernel treats such a target as absent, so running them first is
-    safe): the test's kernels and its read-back then wait behind the loss instead of holding back its
-    first launch, and the host waits only as long as the loss runs. Read before the loss, the test cost
-    about 0.25 ms of the 2 ms SmolLM2-shaped forward on the H200 (bench/cce_sync_probe.py).
+    On the CPU the test runs here and raises a ValueError. On CUDA the returned function, called once the
+    loss's kernels are queued (they treat such targets as absent), queues the test as an asynchronous
+    device-side assertion, as torch's own cross_entropy does on CUDA: a failure surfaces at the next
+    synchronisation as a CUDA error ("device-side assert triggered") and leaves the CUDA context unusable.
+    Reading the answer back instead stalls the host once per call: on the H200 at the SmolLM2 shape that
+    cost 0.2 ms of a 2.1 ms forward and 0.6 ms of a 6.9 ms forward+backward (bench/cce_sync_probe.py), as
+    the backward's launches could no longer run ahead of the GPU. ``LMFORGE_CCE_SYNC_CHECK=1`` restores the
+    read-back and the ValueError on CUDA (debugging).
     """
+    bad = None
 
-    def check():
+    def count():
+        nonlocal bad
         bad = (flat_targets != ignore_index) & ((flat_targets < 0) | (flat_targets >= vocab))
-        count = int(bad.sum())
-        if count:
-            first = int(flat_targets[bad][0])
-            raise ValueError(f"targets must lie in [0, {vocab}) or equal ignore_index={ignore_index}; "
-                             f"found {first} ({count} bad entries)")
+        return bad.sum()
 
-    if flat_targets.is_cuda:
-        return check
-    check()
-    return _no_check
+    def report(n_bad):
+        first = int(flat_targets[bad][0])
+        raise ValueError(f"targets must lie in [0, {vocab}) or equal ignore_index={ignore_index}; "
+                         f"found {first} ({n_bad} bad entries)")
+
+    def check_sync():
+        n_bad = int(count())
+        if n_bad:
+            report(n_bad)
+
+    def check_async():
+        torch._assert_async(count() == 0, f"lmforge: targets must lie in [0, {vocab}) or equal "
+                                          f"ignore_index={ignore_index}")
+
+    if not flat_targets.is_cuda:
+        check_sync()
+        return _no_check
+    return check_sync if os.environ.get("LMFORGE_CCE_SYNC_CHECK", "0") not in ("", "0") else check_async
 
 
 def _prepare_operands(e, c, targets, bias, *, shift, ignore_index, process_group, vocab_start):
@@ -207,7 +224,10 @@ def linear_cross_entropy(e, c, targets, *, bias=None, ignore_index=-100, softcap
     Args:
         e: (..., D) hidden states (float16, bfloat16, float32; float64 with impl="torch").
         c: (V, D) classifier (lm_head weight), same dtype as e.
-        targets: (...) integer token ids; entries equal to ``ignore_index`` are skipped.
+        targets: (...) integer token ids; entries equal to ``ignore_index`` are skipped. Any other entry
+            outside [0, V) raises a ValueError on the CPU; on CUDA it trips an asynchronous device-side
+            assertion, as torch's cross_entropy does (``LMFORGE_CCE_SYNC_CHECK=1``: a ValueError there too,
+            at the cost of one host synchronisation per call).
         bias: optional (V,) classifier bias.
         softcap: if set, logits become softcap * tanh(logits / softcap) (Gemma 2 final-logit capping).
         reduction: "mean" over non-ignored tokens, "sum", or "none" (per-token losses, 0 where ignored).
