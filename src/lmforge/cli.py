@@ -27,6 +27,18 @@ def _bench_cce(args) -> int:
     return 0
 
 
+def _bench_cce_tune(args) -> int:
+    from lmforge.cce.configs import CCETuneConfig, cache_path, run_tune
+
+    config = config_from_args(CCETuneConfig, args)
+    results = run_tune(config)
+    for kernel, result in results.items():
+        failed = sum("error" in row for row in result["tried"])
+        print(f"{kernel}: {result['best']} {result['ms']:.3f} ms ({len(result['tried'])} candidates, {failed} failed)")
+    print(f"written to {config.cache or cache_path()}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from lmforge import __version__
     from lmforge.cce.benchmark import CCEBenchConfig
@@ -42,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="lmforge beside torch, torch.compile and the installed peers (Liger, Apple's cce) on "
                           "the random and calibrated regimes (and real with --real-path), as bench/cce_gpu.py")
     cce.set_defaults(func=_bench_cce)
+    from lmforge.cce.configs import CCETuneConfig
+
+    tune = bench.add_parser("cce-tune", help="time the CCE kernels' tile configurations on this GPU and cache "
+                                             "the fastest (lmforge.cce.configs)")
+    add_config_arguments(tune, CCETuneConfig)
+    tune.set_defaults(func=_bench_cce_tune)
 
     from lmforge.models.sft import add_sft_cli
 

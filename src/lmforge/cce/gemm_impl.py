@@ -30,6 +30,7 @@ import os
 
 import torch
 
+from lmforge.cce import configs
 from lmforge.cce.triton_impl import HAS_TRITON, _accumulate_matmul, interpreting
 
 if HAS_TRITON:
@@ -79,17 +80,13 @@ def slab_columns(n: int, vocab: int, slab_bytes: int | None = None) -> int:
 
 
 def _blocks(device: torch.device, kernel: str) -> dict:
-    """Rows per program, columns per step and warps of the slab kernels ("stats" or "grad").
-
-    H200, one 8192 x 4096 fp32 slab (bench/cce_slab_tune.py, 36 shapes): stats 52.8 us with 4 x 1024 and
-    4 warps (8 x 512: 56.6), the in-place gradient 58.3 us with 8 x 1024 and 8 warps (8 x 512, 4 warps:
-    65.9); pipeline stages made no difference.
+    """Rows per program, columns per step and warps of the slab kernels ("stats" or "grad"), from
+    :func:`lmforge.cce.configs.config_for`. Shipped defaults, H200, one 8192 x 4096 fp32 slab
+    (bench/cce_slab_tune.py, 36 shapes): stats 52.8 us with 4 x 1024 and 4 warps (8 x 512: 56.6), the
+    in-place gradient 58.3 us with 8 x 1024 and 8 warps (8 x 512, 4 warps: 65.9); pipeline stages made no
+    difference.
     """
-    if device.type != "cuda":  # interpreter: small tiles keep numpy work small
-        return dict(BLOCK_N=16, BLOCK_V=16)
-    if kernel == "stats":
-        return dict(BLOCK_N=4, BLOCK_V=1024, num_warps=4)
-    return dict(BLOCK_N=8, BLOCK_V=1024, num_warps=8)
+    return configs.config_for(kernel, None, device)
 
 
 def _launch(cfg: dict) -> dict:

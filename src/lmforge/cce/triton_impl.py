@@ -7,11 +7,12 @@ results are combined with ordinary (asynchronous) torch ops.
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 
 import torch
+
+from lmforge.cce import configs
 
 try:
     import triton
@@ -39,19 +40,8 @@ def _num_sms(index: int) -> int:
 
 
 def _blocks(dtype: torch.dtype, device: torch.device, d: int, kind: str = "fwd") -> dict:
-    """Tile shapes and launch options; LMFORGE_CCE_CONFIG='{"fwd": {...}, "bwd": {...}}' overrides (tuning)."""
-    if device.type != "cuda":  # interpreter: smallest legal tiles keep numpy work small
-        return dict(BLOCK_N=16, BLOCK_V=16, BLOCK_D=16, num_warps=4, num_stages=1)
-    if dtype == torch.float32:
-        cfg = dict(BLOCK_N=64, BLOCK_V=64, BLOCK_D=32, num_warps=4, num_stages=2)
-    elif kind == "fwd":  # tuned on the H200 (docs/cce-tuning.md)
-        cfg = dict(BLOCK_N=128, BLOCK_V=256, BLOCK_D=64, num_warps=8, num_stages=4)
-    else:
-        cfg = dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=3)
-    override = os.environ.get("LMFORGE_CCE_CONFIG")
-    if override:
-        cfg.update(json.loads(override).get(kind, {}))
-    return cfg
+    """Tile shapes and launch options of the fused kernels (:func:`lmforge.cce.configs.config_for`)."""
+    return configs.config_for(kind, dtype, device, d)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -184,8 +174,8 @@ def backward(e, c, bias, targets, lse, mean_logit, g_lse, g_tgt, g_sum, g_mu, *,
     cfg = _blocks(e.dtype, e.device, d, "bwd")
     use_filter = filter_eps is not None and tile_map is not None and g_sum is None
     map_v = _blocks(e.dtype, e.device, d)["BLOCK_V"]  # columns per tile-map entry (the forward's tiles)
-    if map_v % cfg["BLOCK_V"]:
-        raise ValueError("the backward's BLOCK_V must divide the forward's (the tile map's columns)")
+    if map_v % cfg["BLOCK_V"]:  # tiles must nest in the map's (separately tuned configs may not)
+        cfg["BLOCK_V"] = math.gcd(map_v, cfg["BLOCK_V"])
     # Each row's target as a position in the visiting order (-1: none), so tiles holding one are kept.
     valid = (targets >= 0) & (targets < vocab)
     if perm is not None:
