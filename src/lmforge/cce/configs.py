@@ -22,6 +22,7 @@ writes the fastest to the cache (atomically: a temporary file, then a rename).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import statistics
@@ -175,7 +176,12 @@ def resolve(kernel: str, dtype: torch.dtype | None, gpu: str, d: int | None, sha
 
 
 def _gpu(device: torch.device) -> tuple[str, int]:
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _gpu_of(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _gpu_of(index: int) -> tuple[str, int]:
+    """(name, shared memory per block in bytes) of GPU ``index``."""
     props = torch.cuda.get_device_properties(index)
     shared = getattr(props, "shared_memory_per_block_optin", 0) or 227 << 10
     return props.name, shared
