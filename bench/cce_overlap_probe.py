@@ -45,6 +45,25 @@ def _fresh_state(n, device):
     return torch.full((n,), float("-inf"), **f32), torch.zeros(n, **f32), torch.zeros(n, **f32)
 
 
+def _double_buffers(n, cols, device, streams):
+    """One fp32 slab buffer, or two with ``streams`` (which then start after the main stream's work);
+    returns (buffers, main stream, per-buffer "free again" events)."""
+    buffers = [torch.empty(n * cols, dtype=torch.float32, device=device) for _ in range(2 if streams else 1)]
+    main = torch.cuda.current_stream()
+    for s in streams or ():
+        s.wait_stream(main)
+    return buffers, main, [None, None]
+
+
+def _join(main, streams, tensors):
+    """The main stream waits for both streams; the tensors they used stay alive until then."""
+    for s in streams:
+        main.wait_stream(s)
+    for x in tensors:
+        for s in streams:
+            x.record_stream(s)
+
+
 def forward_parts(e, c, targets, slab_mb, *, do_gemm=True, do_stats=True, streams=None):
     """The forward's slab loop; with ``streams`` = (gemm stream, stats stream) the two run side by side
     over two slab buffers. Returns (lse, target logit)."""
@@ -52,12 +71,7 @@ def forward_parts(e, c, targets, slab_mb, *, do_gemm=True, do_stats=True, stream
     cols = gemm_impl.slab_columns(n, vocab, slab_mb << 20)
     cfg = gemm_impl._blocks(e.device, "stats")
     state = _fresh_state(n, e.device)
-    buffers = [torch.empty(n * cols, dtype=torch.float32, device=e.device) for _ in range(2 if streams else 1)]
-    main = torch.cuda.current_stream()
-    done = [None, None]  # per buffer: event after its statistics pass (the buffer is free again)
-    if streams:
-        for s in streams:
-            s.wait_stream(main)
+    buffers, main, done = _double_buffers(n, cols, e.device, streams)
     for index, start in enumerate(range(0, vocab, cols)):
         width = min(cols, vocab - start)
         slot = index % len(buffers)
@@ -83,11 +97,7 @@ def forward_parts(e, c, targets, slab_mb, *, do_gemm=True, do_stats=True, stream
             if do_stats:
                 _stats_pass(z, targets, state, start, cfg)
     if streams:
-        for s in streams:
-            main.wait_stream(s)
-        for b in buffers:
-            b.record_stream(streams[0])
-            b.record_stream(streams[1])
+        _join(main, streams, buffers)
     m, s, tgt = state
     return m + torch.log(s), tgt
 
@@ -104,12 +114,7 @@ def backward_parts(e, c, targets, lse, slab_mb, *, streams=None):
     minus_g = -g
     de32 = torch.zeros((n, d), dtype=torch.float32, device=e.device)
     dc = torch.empty_like(c)
-    buffers = [torch.empty(n * cols, dtype=torch.float32, device=e.device) for _ in range(2 if streams else 1)]
-    main = torch.cuda.current_stream()
-    done = [None, None]
-    if streams:
-        for s in streams:
-            s.wait_stream(main)
+    buffers, main, done = _double_buffers(n, cols, e.device, streams)
     for index, start in enumerate(range(0, vocab, cols)):
         width = min(cols, vocab - start)
         slot = index % len(buffers)
@@ -135,13 +140,7 @@ def backward_parts(e, c, targets, lse, slab_mb, *, streams=None):
             done[slot] = torch.cuda.Event()
             done[slot].record(second)
     if streams:
-        for s in streams:
-            main.wait_stream(s)
-        for b in buffers:
-            for s in streams:
-                b.record_stream(s)
-        for x in (de32, dc):
-            x.record_stream(streams[1])
+        _join(main, streams, [*buffers, de32, dc])
     return de32, dc
 
 
