@@ -1,0 +1,212 @@
+"""Can a Triton GEMM with the log-sum-exp in its epilogue, fed by TMA, beat cuBLAS + the statistics pass?
+
+The GEMM path's forward writes each fp32 logit slab (128 MiB) with cuBLAS and reads it back in a
+memory-bound pass (H200, Gemma 2 2B shape: 15.3 ms of GEMMs + 3.6 ms of statistics; the fused Triton
+forward, pointer loads, 20.8 ms). Issue 3's forward target (0.8x Apple's 20.9 ms, with <= 2 MB of
+workspace) needs the statistics folded into a GEMM that runs near cuBLAS's rate. This probe's kernel
+loads E and C tiles through tensor descriptors (TMA on Hopper), keeps each BLOCK_N x BLOCK_V logit tile
+on chip and folds it into a per-(split, row) online log-sum-exp and target logit; the splits of the
+vocabulary are combined by two torch ops. Modes:
+
+* ``exact``: one launch over the whole vocabulary in its own order (no workspace beyond the partials);
+* ``sorted``: the GEMM path's sorted order, one launch per slab over the gathered classifier slab
+  (contiguous, so TMA applies), also producing the per-slab log-sum-exp table the filtered backward needs.
+
+    python bench/cce_fused_slab_probe.py --selftest            # CPU, TRITON_INTERPRET=1: against float64
+    python bench/cce_fused_slab_probe.py --shape 8192 2304 256000 --out probe.json   # GPU: times, errors
+
+On the GPU it prints, per tile configuration, the time and TFLOP/s of both modes beside the shipped
+forward (gemm_impl.forward_stats, exact and sorted) and the largest lse / slab-lse differences.
+"""
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+if "--selftest" in sys.argv:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402
+
+from lmforge.cce import gemm_impl  # noqa: E402
+from lmforge.cce.triton_impl import interpreting, vocab_order  # noqa: E402
+
+
+@triton.jit
+def fused_lse_kernel(
+    e_desc, c_desc, Targets, L_out, Tgt_out,
+    N, V, v_per_split,
+    UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    D: tl.constexpr,
+):
+    # Program (pid_n, pid_s): rows [pid_n BLOCK_N, +BLOCK_N) over columns [pid_s v_per_split, +v_per_split)
+    # of C (a whole vocabulary or one contiguous slab). Each BLOCK_N x BLOCK_V tile: sum over D of
+    # E_tile C_tile^T (descriptor loads, fp32 accumulator), folded into an online log-sum-exp. Writes
+    # m + log s and the target logit per (split, row). Reads: E once per column tile, C once per row block.
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    row0 = pid_n * BLOCK_N
+    rows = row0 + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    targets = tl.load(Targets + rows, mask=row_ok, other=-1).to(tl.int64)
+    m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    s = tl.zeros((BLOCK_N,), tl.float32)
+    tgt = tl.zeros((BLOCK_N,), tl.float32)
+    v_begin = pid_s * v_per_split
+    v_end = tl.minimum(v_begin + v_per_split, V)
+    for v0 in range(v_begin, v_end, BLOCK_V):
+        acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
+        for d0 in tl.range(0, D, BLOCK_D):
+            a = e_desc.load([row0, d0])
+            b = c_desc.load([v0, d0])
+            if UPCAST:  # the interpreter multiplies bf16 as raw bits; fp32 gives the GPU's products
+                acc = tl.dot(a.to(tl.float32), b.to(tl.float32).T, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, b.T, acc)
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_ok = cols < v_end
+        z = tl.where(col_ok[None, :], acc, float("-inf"))
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+        hit = (cols[None, :] == targets[:, None]) & col_ok[None, :]
+        tgt += tl.sum(tl.where(hit, acc, 0.0), axis=1)
+        m = m_new
+    out = pid_s * N + rows
+    tl.store(L_out + out, m + tl.log(s), mask=row_ok)
+    tl.store(Tgt_out + out, tgt, mask=row_ok)
+
+
+def _launch_lse(e, c_part, targets, cfg, splits):
+    """(lse over c_part's rows, target logit) for targets given as positions in c_part (-1: none)."""
+    n, d = e.shape
+    cols = c_part.shape[0]
+    e_desc = TensorDescriptor.from_tensor(e, [cfg["BLOCK_N"], cfg["BLOCK_D"]])
+    c_desc = TensorDescriptor.from_tensor(c_part, [cfg["BLOCK_V"], cfg["BLOCK_D"]])
+    v_tiles = triton.cdiv(cols, cfg["BLOCK_V"])
+    splits = max(1, min(splits, v_tiles))
+    v_per_split = triton.cdiv(v_tiles, splits) * cfg["BLOCK_V"]
+    splits = triton.cdiv(cols, v_per_split)
+    partial = torch.empty((2, splits, n), dtype=torch.float32, device=e.device)
+    launch = {} if interpreting() else dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    fused_lse_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), splits)](
+        e_desc, c_desc, targets, partial[0], partial[1], n, cols, v_per_split,
+        UPCAST=interpreting(), BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BLOCK_D"], D=d,
+        **launch)
+    return torch.logsumexp(partial[0], 0), partial[1].sum(0)
+
+
+def fused_forward(e, c, targets, cfg, *, sorted_order=False, splits=None, slab_bytes=None):
+    """(lse, target logit, per-slab lse table or None) of softmax(e @ c.T)."""
+    n, vocab = e.shape[0], c.shape[0]
+    sms = torch.cuda.get_device_properties(e.device).multi_processor_count if e.is_cuda else 4
+    row_blocks = triton.cdiv(n, cfg["BLOCK_N"])
+    if not sorted_order:  # ~16 waves of programs over the whole vocabulary
+        valid = (targets >= 0) & (targets < vocab)
+        lse, tgt = _launch_lse(e, c, torch.where(valid, targets, -1), cfg,
+                               splits or max(1, round(16 * sms / row_blocks)))
+        return lse, tgt, None
+    splits = splits or max(1, round(sms / row_blocks))  # about one wave per slab
+    perm = vocab_order(e, c, None)
+    slab_targets, _ = gemm_impl._permuted(targets, None, perm, vocab)
+    cols_per_slab = gemm_impl.slab_columns(n, vocab, slab_bytes)
+    c_buffer = torch.empty((cols_per_slab, c.shape[1]), dtype=c.dtype, device=c.device)
+    table = torch.empty((gemm_impl.n_slabs(n, vocab, slab_bytes), n), dtype=torch.float32, device=e.device)
+    tgt = torch.zeros(n, dtype=torch.float32, device=e.device)
+    for index, start in enumerate(range(0, vocab, cols_per_slab)):
+        cols = min(cols_per_slab, vocab - start)
+        c_slab = gemm_impl._classifier_slab(c, perm, start, cols, c_buffer)
+        local = torch.where((slab_targets >= start) & (slab_targets < start + cols), slab_targets - start, -1)
+        table[index], slab_tgt = _launch_lse(e, c_slab, local, cfg, splits)
+        tgt += slab_tgt
+    return torch.logsumexp(table, 0), tgt, table
+
+
+CONFIGS = [dict(BLOCK_N=128, BLOCK_V=256, BLOCK_D=64, num_warps=8, num_stages=3),
+           dict(BLOCK_N=128, BLOCK_V=256, BLOCK_D=64, num_warps=8, num_stages=4),
+           dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=4),
+           dict(BLOCK_N=64, BLOCK_V=256, BLOCK_D=64, num_warps=4, num_stages=4),
+           dict(BLOCK_N=128, BLOCK_V=256, BLOCK_D=128, num_warps=8, num_stages=2)]
+
+
+def selftest():
+    """CPU (interpreter): both modes against float64 on a shape no tile divides."""
+    g = torch.Generator().manual_seed(0)
+    n, d, v = 45, 48, 300
+    e = (torch.randn(n, d, generator=g) * 2).bfloat16()
+    c = torch.randn(v, d, generator=g).bfloat16()
+    t = torch.randint(0, v, (n,), generator=g)
+    z = e.double() @ c.double().T
+    ref_lse, ref_tgt = torch.logsumexp(z, 1), z[torch.arange(n), t]
+    cfg = dict(BLOCK_N=16, BLOCK_V=32, BLOCK_D=16, num_warps=4, num_stages=1)
+    for sorted_order in (False, True):
+        lse, tgt, table = fused_forward(e, c, t, cfg, sorted_order=sorted_order, splits=3, slab_bytes=64 * n * 4)
+        assert torch.allclose(lse.double(), ref_lse, rtol=1e-6, atol=1e-5), (lse - ref_lse).abs().max()
+        assert torch.allclose(tgt.double(), ref_tgt, rtol=1e-6, atol=1e-5), (tgt - ref_tgt).abs().max()
+        if sorted_order:  # the table equals the shipped forward's, slab by slab
+            shipped = torch.empty_like(table)
+            perm = vocab_order(e, c, None)
+            gemm_impl.forward_stats(e, c, None, t, perm=perm, slab_lse=shipped, slab_bytes=64 * n * 4)
+            assert torch.allclose(table, shipped, rtol=1e-5, atol=1e-5), (table - shipped).abs().max()
+    print("selftest passed: exact and sorted modes match float64 and the shipped slab table")
+
+
+def _time(fn, repeats):
+    return triton.testing.do_bench(fn, warmup=3, rep=repeats * 25)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--selftest", action="store_true")
+    ap.add_argument("--shape", type=int, nargs=3, default=[8192, 2304, 256000])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    if args.selftest:
+        selftest()
+        return
+    n, d, v = args.shape
+    g = torch.Generator(device="cuda").manual_seed(0)
+    e = torch.randn(n, d, device="cuda", generator=g).bfloat16()
+    c = (torch.randn(v, d, device="cuda", generator=g) / d ** 0.5).bfloat16()
+    t = torch.randint(0, v, (n,), device="cuda", generator=g)
+    flop = 2 * n * d * v
+    perm = vocab_order(e, c, None)
+    shipped_table = torch.empty((gemm_impl.n_slabs(n, v), n), dtype=torch.float32, device="cuda")
+    ref_lse = gemm_impl.forward_stats(e, c, None, t)[0]
+    rows = []
+    for name, fn in (("shipped_exact", lambda: gemm_impl.forward_stats(e, c, None, t)),
+                     ("shipped_sorted", lambda: gemm_impl.forward_stats(e, c, None, t, perm=vocab_order(e, c, None),
+                                                                        slab_lse=shipped_table))):
+        ms = _time(fn, args.repeats)
+        rows.append(dict(variant=name, ms=ms, tflops=flop / ms / 1e9))
+        print(json.dumps(rows[-1]), flush=True)
+    gemm_impl.forward_stats(e, c, None, t, perm=perm, slab_lse=shipped_table)
+    for cfg in CONFIGS:
+        for sorted_order in (False, True):
+            row = dict(variant="fused_sorted" if sorted_order else "fused_exact", **cfg)
+            try:
+                lse, _, table = fused_forward(e, c, t, cfg, sorted_order=sorted_order)
+                row["max_lse_diff"] = float((lse - ref_lse).abs().max())
+                if table is not None:
+                    row["max_slab_lse_diff"] = float((table - shipped_table).abs().max())
+                ms = _time(lambda: fused_forward(e, c, t, cfg, sorted_order=sorted_order), args.repeats)
+                row.update(ms=ms, tflops=flop / ms / 1e9)
+            except Exception as err:  # a tile shape that does not compile or launch is a result too
+                row["error"] = f"{type(err).__name__}: {str(err)[:200]}"
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(dict(shape=args.shape, device=torch.cuda.get_device_name(),
+                                                  torch=torch.__version__, triton=triton.__version__, rows=rows),
+                                             indent=1))
+
+
+if __name__ == "__main__":
+    main()
