@@ -8,9 +8,11 @@ depend on how peaked the softmax is and how much mass sits in its tail. Three re
   made by ``bench/cce_real_data.py`` and loaded from a file.
 * ``calibrated``: a synthetic generator for any shape whose statistics (:func:`regime_stats`) match the
   real regime: groups of related tokens raised together, chosen from a per-document pool so that
-  consecutive rows share context, over a Zipf prior and a Gaussian background; each row's tail mass and
-  entropy are imposed (drawn from laws with the real median and mean); targets are sampled from the
-  model's own softmax, so NLL and entropy agree as they do for a trained model.
+  consecutive rows share context, over a Zipf prior and a Gaussian background, with most rows also
+  falling off with the token's rank (so that, as in real data, a row's mass stays in the head of the
+  vocabulary sorted by mean logit while a minority of wide rows reach its far tiles); each row's tail
+  mass and entropy are imposed (drawn from laws with the real median and mean); targets are sampled from
+  the model's own softmax, so NLL and entropy agree as they do for a trained model.
 """
 
 from __future__ import annotations
