@@ -65,7 +65,7 @@ CANDIDATES = {
 # Bytes of shared memory left for what the estimate does not count (reductions, layout conversions).
 SHARED_MARGIN = 16 << 10
 
-_resolved: dict = {}  # (kernel, dtype class, GPU, shape class) -> config, for this process
+_resolved: dict = {}  # (kernel, dtype class, GPU, shape class, override) -> config, for this process
 
 
 def candidates(kernel: str) -> list[dict]:
