@@ -44,7 +44,7 @@ def fused_lse_kernel(
     e_desc, c_desc, Targets, L_out, Tgt_out,
     N, V, v_per_split,
     UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-    D: tl.constexpr,
+    D: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):
     # Program (pid_n, pid_s): rows [pid_n BLOCK_N, +BLOCK_N) over columns [pid_s v_per_split, +v_per_split)
     # of C (a whole vocabulary or one contiguous slab). Each BLOCK_N x BLOCK_V tile: sum over D of
@@ -61,7 +61,9 @@ def fused_lse_kernel(
     tgt = tl.zeros((BLOCK_N,), tl.float32)
     v_begin = pid_s * v_per_split
     v_end = tl.minimum(v_begin + v_per_split, V)
-    for v0 in range(v_begin, v_end, BLOCK_V):
+    # WARP_SPECIALIZE: Triton's producer/consumer warp groups over the column tiles (loads of the next tile
+    # overlap this tile's epilogue); where the compiler cannot, the configuration fails and is reported.
+    for v0 in tl.range(v_begin, v_end, BLOCK_V, warp_specialize=WARP_SPECIALIZE):
         acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
         for d0 in tl.range(0, D, BLOCK_D):
             a = e_desc.load([row0, d0])
@@ -98,7 +100,7 @@ def _launch_lse(e, c_part, targets, cfg, splits):
     fused_lse_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), splits)](
         e_desc, c_desc, targets, partial[0], partial[1], n, cols, v_per_split,
         UPCAST=interpreting(), BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BLOCK_D"], D=d,
-        **launch)
+        WARP_SPECIALIZE=cfg.get("warp_specialize", False), **launch)
     return torch.logsumexp(partial[0], 0), partial[1].sum(0)
 
 
@@ -132,7 +134,9 @@ CONFIGS = [dict(BLOCK_N=128, BLOCK_V=256, BLOCK_D=64, num_warps=8, num_stages=3)
            dict(BLOCK_N=128, BLOCK_V=256, BLOCK_D=64, num_warps=8, num_stages=4),
            dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=4),
            dict(BLOCK_N=64, BLOCK_V=256, BLOCK_D=64, num_warps=4, num_stages=4),
-           dict(BLOCK_N=128, BLOCK_V=256, BLOCK_D=128, num_warps=8, num_stages=2)]
+           dict(BLOCK_N=128, BLOCK_V=256, BLOCK_D=128, num_warps=8, num_stages=2),
+           dict(BLOCK_N=128, BLOCK_V=256, BLOCK_D=64, num_warps=8, num_stages=3, warp_specialize=True),
+           dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=4, warp_specialize=True)]
 
 
 def selftest():
@@ -144,8 +148,8 @@ def selftest():
     t = torch.randint(0, v, (n,), generator=g)
     z = e.double() @ c.double().T
     ref_lse, ref_tgt = torch.logsumexp(z, 1), z[torch.arange(n), t]
-    cfg = dict(BLOCK_N=16, BLOCK_V=32, BLOCK_D=16, num_warps=4, num_stages=1)
-    for sorted_order in (False, True):
+    for ws, sorted_order in ((False, False), (False, True), (True, True)):
+        cfg = dict(BLOCK_N=16, BLOCK_V=32, BLOCK_D=16, num_warps=4, num_stages=1, warp_specialize=ws)
         lse, tgt, table = fused_forward(e, c, t, cfg, sorted_order=sorted_order, splits=3, slab_bytes=64 * n * 4)
         assert torch.allclose(lse.double(), ref_lse, rtol=1e-6, atol=1e-5), (lse - ref_lse).abs().max()
         assert torch.allclose(tgt.double(), ref_tgt, rtol=1e-6, atol=1e-5), (tgt - ref_tgt).abs().max()
