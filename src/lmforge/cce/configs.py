@@ -12,7 +12,7 @@ one kernel's configuration, in this order:
    of configurations :func:`tune` measured on this GPU model, for this kernel, dtype and shape class;
 3. the shipped defaults (tuned on the H200, docs/cce-tuning.md), with the fused kernels' pipeline stages,
    then tiles, reduced until their shared memory fits the device (227 KiB per block on the H200, 163 KiB
-   on the A100, 99 KiB on the L4: the H200's four-stage forward would not even launch on the latter two).
+   on the A100, 99 KiB on the L4, where the H200's four-stage forward, 144 KiB there, would not launch).
 
 Nothing is tuned implicitly -- not at import, not on first use, not in CI -- only by :func:`tune`
 (``lmforge bench cce-tune``), which times each candidate on the current GPU through the public loss and
@@ -129,18 +129,21 @@ def store(entries: dict, path: Path | None = None) -> Path:
     return path
 
 
-def shared_memory_bytes(kernel: str, cfg: dict, elem_bytes: int) -> int:
-    """Estimate of a fused kernel's pipelined operand buffers: stages x (BLOCK_N + BLOCK_V) x BLOCK_D."""
+def shared_memory_bytes(kernel: str, cfg: dict, elem_bytes: int, arch: int = 90) -> int:
+    """A fused kernel's pipelined operand buffers, (BLOCK_N + BLOCK_V) x BLOCK_D elements each: as many as
+    pipeline stages on Hopper (sm_90+, wgmma), one fewer before it (cp.async into registers' mma.sync).
+    Equal to what Triton 3.6 allocates for the shipped kernels (tests/cce/test_sass.py compiles them)."""
     if kernel not in FUSED:
         return 0
-    return cfg["num_stages"] * (cfg["BLOCK_N"] + cfg["BLOCK_V"]) * cfg["BLOCK_D"] * elem_bytes
+    buffers = cfg["num_stages"] if arch >= 90 else max(1, cfg["num_stages"] - 1)
+    return buffers * (cfg["BLOCK_N"] + cfg["BLOCK_V"]) * cfg["BLOCK_D"] * elem_bytes
 
 
-def fit_shared_memory(kernel: str, cfg: dict, limit: int, elem_bytes: int) -> dict:
+def fit_shared_memory(kernel: str, cfg: dict, limit: int, elem_bytes: int, arch: int = 90) -> dict:
     """``cfg`` with pipeline stages (down to 2), then BLOCK_V, BLOCK_N and BLOCK_D (down to 64, 64, 16)
     reduced until :func:`shared_memory_bytes` plus SHARED_MARGIN fits ``limit`` bytes."""
     cfg = dict(cfg)
-    while shared_memory_bytes(kernel, cfg, elem_bytes) + SHARED_MARGIN > limit:
+    while shared_memory_bytes(kernel, cfg, elem_bytes, arch) + SHARED_MARGIN > limit:
         if cfg["num_stages"] > 2:
             cfg["num_stages"] -= 1
         elif cfg["BLOCK_V"] > 64:
@@ -155,7 +158,7 @@ def fit_shared_memory(kernel: str, cfg: dict, limit: int, elem_bytes: int) -> di
 
 
 def resolve(kernel: str, dtype: torch.dtype | None, gpu: str, d: int | None, shared_limit: int,
-            cache: dict, override: str | None = None) -> dict:
+            cache: dict, override: str | None = None, arch: int = 90) -> dict:
     """The configuration for ``kernel`` on GPU model ``gpu`` (see the module docstring for the order)."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
@@ -165,7 +168,7 @@ def resolve(kernel: str, dtype: torch.dtype | None, gpu: str, d: int | None, sha
         cfg = dict(hit["config"])
     else:
         elem = 4 if dtype_cls == "float32" else 2
-        cfg = fit_shared_memory(kernel, DEFAULTS[(kernel, dtype_cls)], shared_limit, elem)
+        cfg = fit_shared_memory(kernel, DEFAULTS[(kernel, dtype_cls)], shared_limit, elem, arch)
     if override:
         try:
             cfg.update(json.loads(override).get(kernel, {}))
@@ -175,16 +178,16 @@ def resolve(kernel: str, dtype: torch.dtype | None, gpu: str, d: int | None, sha
     return cfg
 
 
-def _gpu(device: torch.device) -> tuple[str, int]:
+def _gpu(device: torch.device) -> tuple[str, int, int]:
     return _gpu_of(device.index if device.index is not None else torch.cuda.current_device())
 
 
 @functools.lru_cache(maxsize=None)
-def _gpu_of(index: int) -> tuple[str, int]:
-    """(name, shared memory per block in bytes) of GPU ``index``."""
+def _gpu_of(index: int) -> tuple[str, int, int]:
+    """(name, shared memory per block in bytes, compute capability as 10 major + minor) of GPU ``index``."""
     props = torch.cuda.get_device_properties(index)
     shared = getattr(props, "shared_memory_per_block_optin", 0) or 227 << 10
-    return props.name, shared
+    return props.name, shared, 10 * props.major + props.minor
 
 
 def config_for(kernel: str, dtype: torch.dtype | None, device: torch.device, d: int | None = None) -> dict:
@@ -192,10 +195,10 @@ def config_for(kernel: str, dtype: torch.dtype | None, device: torch.device, d: 
     if device.type != "cuda":
         return dict(INTERPRETER[kernel])
     override = os.environ.get("LMFORGE_CCE_CONFIG")
-    gpu, shared = _gpu(device)
+    gpu, shared, arch = _gpu(device)
     key = (kernel, dtype_class(kernel, dtype), gpu, shape_class(kernel, d), override)
     if key not in _resolved:
-        _resolved[key] = resolve(kernel, dtype, gpu, d, shared, load_cache(), override)
+        _resolved[key] = resolve(kernel, dtype, gpu, d, shared, load_cache(), override, arch)
     return dict(_resolved[key])
 
 
