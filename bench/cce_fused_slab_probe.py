@@ -36,6 +36,7 @@ import triton.language as tl  # noqa: E402
 from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402
 
 from lmforge.cce import gemm_impl  # noqa: E402
+from lmforge.cce.kernels.forward import _add_target_logit, _store_split  # noqa: E402
 from lmforge.cce.triton_impl import interpreting, vocab_order  # noqa: E402
 
 
@@ -77,12 +78,9 @@ def fused_lse_kernel(
         z = tl.where(col_ok[None, :], acc, float("-inf"))
         m_new = tl.maximum(m, tl.max(z, axis=1))
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
-        hit = (cols[None, :] == targets[:, None]) & col_ok[None, :]
-        tgt += tl.sum(tl.where(hit, acc, 0.0), axis=1)
+        tgt = _add_target_logit(tgt, acc, cols, targets, col_ok)
         m = m_new
-    out = pid_s * N + rows
-    tl.store(L_out + out, m + tl.log(s), mask=row_ok)
-    tl.store(Tgt_out + out, tgt, mask=row_ok)
+    _store_split(L_out, Tgt_out, pid_s * N + rows, m, s, tgt, row_ok)
 
 
 def _launch_lse(e, c_part, targets, cfg, splits):

@@ -45,6 +45,20 @@ def _dot(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _add_target_logit(tgt, acc, cols, targets, col_ok):
+    """tgt + each row's logit at its target's column, where that column is in this tile."""
+    hit = (cols[None, :] == targets[:, None]) & col_ok[None, :]
+    return tgt + tl.sum(tl.where(hit, acc, 0.0), axis=1)
+
+
+@triton.jit
+def _store_split(L_out, Tgt_out, out, m, s, tgt, row_ok):
+    """A split's partials: its log-sum-exp m + log s and target logit at offsets ``out``."""
+    tl.store(L_out + out, m + tl.log(s), mask=row_ok)
+    tl.store(Tgt_out + out, tgt, mask=row_ok)
+
+
+@triton.jit
 def _logit_tile(E, C, Bias, Perm, rows, row_ok, pos, col_ok, D,
                 stride_en, stride_ed, stride_cv, stride_cd, softcap,
                 HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_PERM: tl.constexpr,
@@ -137,15 +151,13 @@ def lse_forward_kernel(
                 w = w * scale + tl.sum(tl.where(col_ok[None, :], p * acc, 0.0), axis=1)
             if NEED_SUM:
                 zsum += tl.sum(tl.where(col_ok[None, :], acc, 0.0), axis=1)
-            is_target = (cols[None, :] == targets[:, None]) & col_ok[None, :]
-            tgt += tl.sum(tl.where(is_target, acc, 0.0), axis=1)
+            tgt = _add_target_logit(tgt, acc, cols, targets, col_ok)
             m = m_new
 
     # One log-sum-exp per (split, row) -- and the split's softmax-weighted mean logit -- keep the
     # partials small; a split that saw no column stores -inf.
     out = pid_s * N + rows
-    tl.store(L_out + out, m + tl.log(s), mask=row_ok)
-    tl.store(Tgt_out + out, tgt, mask=row_ok)
+    _store_split(L_out, Tgt_out, out, m, s, tgt, row_ok)
     if NEED_MU:
         tl.store(W_out + out, w / s, mask=row_ok)
     if NEED_SUM:
