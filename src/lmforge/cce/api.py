@@ -114,7 +114,7 @@ def _prepare(e, c, targets, bias, *, shift, ignore_index, check_targets=True):
 
 
 def _no_check():
-    pass
+    """The check of calls whose targets need none here (checked on the CPU already, or by the shard)."""
 
 
 def _target_check(flat_targets, vocab, ignore_index):
@@ -129,26 +129,20 @@ def _target_check(flat_targets, vocab, ignore_index):
     the backward's launches could no longer run ahead of the GPU. ``LMFORGE_CCE_SYNC_CHECK=1`` restores the
     read-back and the ValueError on CUDA (debugging).
     """
-    bad = None
 
-    def count():
-        nonlocal bad
-        bad = (flat_targets != ignore_index) & ((flat_targets < 0) | (flat_targets >= vocab))
-        return bad.sum()
-
-    def report(n_bad):
-        first = int(flat_targets[bad][0])
-        raise ValueError(f"targets must lie in [0, {vocab}) or equal ignore_index={ignore_index}; "
-                         f"found {first} ({n_bad} bad entries)")
+    def bad_targets():
+        return (flat_targets != ignore_index) & ((flat_targets < 0) | (flat_targets >= vocab))
 
     def check_sync():
-        n_bad = int(count())
+        bad = bad_targets()
+        n_bad = int(bad.sum())
         if n_bad:
-            report(n_bad)
+            raise ValueError(f"targets must lie in [0, {vocab}) or equal ignore_index={ignore_index}; "
+                             f"found {int(flat_targets[bad][0])} ({n_bad} bad entries)")
 
     def check_async():
-        torch._assert_async(count() == 0, f"lmforge: targets must lie in [0, {vocab}) or equal "
-                                          f"ignore_index={ignore_index}")
+        torch._assert_async(~bad_targets().any(), f"lmforge: targets must lie in [0, {vocab}) or equal "
+                                                   f"ignore_index={ignore_index}")
 
     if not flat_targets.is_cuda:
         check_sync()

@@ -21,6 +21,7 @@ writes the fastest to the cache (atomically: a temporary file, then a rename).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -202,25 +203,18 @@ def config_for(kernel: str, dtype: torch.dtype | None, device: torch.device, d: 
     return dict(_resolved[key])
 
 
-class _Forced:
+@contextlib.contextmanager
+def forced(kernel: str, cfg: dict):
     """Within ``with forced(kernel, cfg)``, :func:`config_for` returns ``cfg`` for that kernel (tuning)."""
-
-    def __init__(self, kernel: str, cfg: dict):
-        self.kernel, self.cfg = kernel, cfg
-
-    def __enter__(self):
-        self.saved = os.environ.get("LMFORGE_CCE_CONFIG")
-        os.environ["LMFORGE_CCE_CONFIG"] = json.dumps({self.kernel: self.cfg})
-
-    def __exit__(self, *exc):
-        if self.saved is None:
+    saved = os.environ.get("LMFORGE_CCE_CONFIG")
+    os.environ["LMFORGE_CCE_CONFIG"] = json.dumps({kernel: cfg})
+    try:
+        yield
+    finally:
+        if saved is None:
             os.environ.pop("LMFORGE_CCE_CONFIG", None)
         else:
-            os.environ["LMFORGE_CCE_CONFIG"] = self.saved
-
-
-def forced(kernel: str, cfg: dict) -> _Forced:
-    return _Forced(kernel, cfg)
+            os.environ["LMFORGE_CCE_CONFIG"] = saved
 
 
 def _cuda_measure(n: int, d: int, v: int, dtype: torch.dtype, device: torch.device, warmup: int, repeats: int):
@@ -283,15 +277,13 @@ def tune(kernels=KERNELS, *, n: int = 8192, d: int = 2304, v: int = 256000, dtyp
     for kernel in kernels:
         tried = []
         for cfg in tqdm(candidates(kernel), desc=f"tune {kernel}", disable=not progress):
-            with forced(kernel, cfg):
-                _resolved.clear()
+            with forced(kernel, cfg):  # a key of its own in the memo: no stale configuration
                 try:
                     ms = float(measure(kernel))
                 except Exception as err:  # compile or launch failures (out of resources, ...) are results too
                     tried.append(dict(config=cfg, error=f"{type(err).__name__}: {str(err)[:200]}"))
                     continue
             tried.append(dict(config=cfg, ms=ms))
-        _resolved.clear()
         timed = [x for x in tried if "ms" in x]
         if not timed:
             raise RuntimeError(f"no candidate of kernel {kernel!r} ran on {gpu}: {tried}")
