@@ -42,10 +42,10 @@ from lmforge.cce.triton_impl import interpreting, vocab_order  # noqa: E402
 
 @triton.jit
 def fused_lse_kernel(
-    e_desc, c_desc, Targets, L_out, Tgt_out,
+    e_desc, c_desc, C, Perm, Targets, L_out, Tgt_out,
     N, V, v_per_split,
     UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-    D: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    D: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, GATHER: tl.constexpr,
 ):
     # Program (pid_n, pid_s): rows [pid_n BLOCK_N, +BLOCK_N) over columns [pid_s v_per_split, +v_per_split)
     # of C (a whole vocabulary or one contiguous slab). Each BLOCK_N x BLOCK_V tile: sum over D of
@@ -66,9 +66,16 @@ def fused_lse_kernel(
     # would overlap this tile's epilogue); Triton 3.6 does not apply it to this loop on sm_90 (see CONFIGS).
     for v0 in tl.range(v_begin, v_end, BLOCK_V, warp_specialize=WARP_SPECIALIZE):
         acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
+        if GATHER:  # C's rows at sorted positions v0.. through Perm, by pointer loads (TMA cannot gather on sm_90)
+            pos = v0 + tl.arange(0, BLOCK_V)
+            vocab_rows = tl.load(Perm + pos, mask=pos < v_end, other=0).to(tl.int64)
         for d0 in tl.range(0, D, BLOCK_D):
             a = e_desc.load([row0, d0])
-            b = c_desc.load([v0, d0])
+            if GATHER:
+                b = tl.load(C + vocab_rows[:, None] * D + (d0 + tl.arange(0, BLOCK_D))[None, :],
+                            mask=(d0 + tl.arange(0, BLOCK_D))[None, :] < D, other=0.0)
+            else:
+                b = c_desc.load([v0, d0])
             if UPCAST:  # the interpreter multiplies bf16 as raw bits; fp32 gives the GPU's products
                 acc = tl.dot(a.to(tl.float32), b.to(tl.float32).T, acc, input_precision="ieee")
             else:
@@ -83,30 +90,50 @@ def fused_lse_kernel(
     _store_split(L_out, Tgt_out, pid_s * N + rows, m, s, tgt, row_ok)
 
 
-def _launch_lse(e, c_part, targets, cfg, splits):
-    """(lse over c_part's rows, target logit) for targets given as positions in c_part (-1: none)."""
+def _launch_lse(e, c_part, targets, cfg, splits, perm=None, v_per_split=None, partials=False):
+    """(lse over c_part's rows, target logit) for targets given as positions in c_part (-1: none).
+
+    With ``perm``: c_part is the whole classifier visited in the order perm (pointer gathers); with
+    ``v_per_split`` (a multiple of BLOCK_V) the splits are that wide; ``partials``: return the per-split
+    (lse, target) partials instead of combining them."""
     n, d = e.shape
     cols = c_part.shape[0]
     e_desc = TensorDescriptor.from_tensor(e, [cfg["BLOCK_N"], cfg["BLOCK_D"]])
     c_desc = TensorDescriptor.from_tensor(c_part, [cfg["BLOCK_V"], cfg["BLOCK_D"]])
-    v_tiles = triton.cdiv(cols, cfg["BLOCK_V"])
-    splits = max(1, min(splits, v_tiles))
-    v_per_split = triton.cdiv(v_tiles, splits) * cfg["BLOCK_V"]
+    if v_per_split is None:
+        v_tiles = triton.cdiv(cols, cfg["BLOCK_V"])
+        splits = max(1, min(splits, v_tiles))
+        v_per_split = triton.cdiv(v_tiles, splits) * cfg["BLOCK_V"]
     splits = triton.cdiv(cols, v_per_split)
     partial = torch.empty((2, splits, n), dtype=torch.float32, device=e.device)
     launch = {} if interpreting() else dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     fused_lse_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), splits)](
-        e_desc, c_desc, targets, partial[0], partial[1], n, cols, v_per_split,
+        e_desc, c_desc, c_part, perm if perm is not None else targets, targets, partial[0], partial[1],
+        n, cols, v_per_split,
         UPCAST=interpreting(), BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BLOCK_D"], D=d,
-        WARP_SPECIALIZE=cfg.get("warp_specialize", False), **launch)
+        WARP_SPECIALIZE=cfg.get("warp_specialize", False), GATHER=perm is not None, **launch)
+    if partials:
+        return partial[0], partial[1]
     return torch.logsumexp(partial[0], 0), partial[1].sum(0)
 
 
-def fused_forward(e, c, targets, cfg, *, sorted_order=False, splits=None, slab_bytes=None):
-    """(lse, target logit, per-slab lse table or None) of softmax(e @ c.T)."""
+def fused_forward(e, c, targets, cfg, *, sorted_order=False, splits=None, slab_bytes=None, gather=False):
+    """(lse, target logit, per-slab lse table or None) of softmax(e @ c.T).
+
+    ``gather``: the sorted order in one launch, C read through the permutation by pointer loads, one split
+    per slab (its partials are the slab table: no gathered classifier buffer)."""
     n, vocab = e.shape[0], c.shape[0]
     sms = torch.cuda.get_device_properties(e.device).multi_processor_count if e.is_cuda else 4
     row_blocks = triton.cdiv(n, cfg["BLOCK_N"])
+    if gather:
+        perm = vocab_order(e, c, None)
+        slab_targets, _ = gemm_impl._permuted(targets, None, perm, vocab)
+        cols_per_slab = gemm_impl.slab_columns(n, vocab, slab_bytes)
+        if cols_per_slab % cfg["BLOCK_V"]:
+            raise ValueError(f"slab width {cols_per_slab} is no multiple of BLOCK_V {cfg['BLOCK_V']}")
+        table, tgt = _launch_lse(e, c, slab_targets, cfg, None, perm=perm, v_per_split=cols_per_slab,
+                                 partials=True)
+        return torch.logsumexp(table, 0), tgt.sum(0), table
     if not sorted_order:  # ~16 waves of programs over the whole vocabulary
         valid = (targets >= 0) & (targets < vocab)
         lse, tgt = _launch_lse(e, c, torch.where(valid, targets, -1), cfg,
@@ -147,9 +174,11 @@ def selftest():
     t = torch.randint(0, v, (n,), generator=g)
     z = e.double() @ c.double().T
     ref_lse, ref_tgt = torch.logsumexp(z, 1), z[torch.arange(n), t]
-    for ws, sorted_order in ((False, False), (False, True), (True, True)):
+    for ws, sorted_order, gather in ((False, False, False), (False, True, False), (True, True, False),
+                                     (False, True, True)):
         cfg = dict(BLOCK_N=16, BLOCK_V=32, BLOCK_D=16, num_warps=4, num_stages=1, warp_specialize=ws)
-        lse, tgt, table = fused_forward(e, c, t, cfg, sorted_order=sorted_order, splits=3, slab_bytes=64 * n * 4)
+        lse, tgt, table = fused_forward(e, c, t, cfg, sorted_order=sorted_order, splits=3, slab_bytes=64 * n * 4,
+                                        gather=gather)
         assert torch.allclose(lse.double(), ref_lse, rtol=1e-6, atol=1e-5), (lse - ref_lse).abs().max()
         assert torch.allclose(tgt.double(), ref_tgt, rtol=1e-6, atol=1e-5), (tgt - ref_tgt).abs().max()
         if sorted_order:  # the table equals the shipped forward's, slab by slab
@@ -191,15 +220,17 @@ def main():
         rows.append(dict(variant=name, ms=ms, tflops=flop / ms / 1e9))
         print(json.dumps(rows[-1]), flush=True)
     gemm_impl.forward_stats(e, c, None, t, perm=perm, slab_lse=shipped_table)
+    modes = dict(fused_exact={}, fused_exact_s8=dict(splits=8), fused_exact_s16=dict(splits=16),
+                 fused_sorted=dict(sorted_order=True), fused_gather=dict(sorted_order=True, gather=True))
     for cfg in CONFIGS:
-        for sorted_order in (False, True):
-            row = dict(variant="fused_sorted" if sorted_order else "fused_exact", **cfg)
+        for mode, kw in modes.items():
+            row = dict(variant=mode, **cfg)
             try:
-                lse, _, table = fused_forward(e, c, t, cfg, sorted_order=sorted_order)
+                lse, _, table = fused_forward(e, c, t, cfg, **kw)
                 row["max_lse_diff"] = float((lse - ref_lse).abs().max())
                 if table is not None:
                     row["max_slab_lse_diff"] = float((table - shipped_table).abs().max())
-                ms = _time(lambda: fused_forward(e, c, t, cfg, sorted_order=sorted_order), args.repeats)
+                ms = _time(lambda: fused_forward(e, c, t, cfg, **kw), args.repeats)
                 row.update(ms=ms, tflops=flop / ms / 1e9)
             except Exception as err:  # a tile shape that does not compile or launch is a result too
                 row["error"] = f"{type(err).__name__}: {str(err)[:200]}"
