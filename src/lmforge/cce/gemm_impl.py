@@ -31,12 +31,19 @@ import os
 import torch
 
 from lmforge.cce import configs
-from lmforge.cce.triton_impl import HAS_TRITON, _accumulate_matmul, interpreting
+from lmforge.cce.triton_impl import HAS_TRITON, _accumulate_matmul, _num_sms, combine_splits, interpreting
 
 if HAS_TRITON:
     import triton
 
     from lmforge.cce.kernels.slab import slab_grad_kernel, slab_stats_kernel
+
+    try:  # tensor descriptors (TMA on Hopper): Triton 3.4+
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        from lmforge.cce.kernels.tma_forward import lse_tma_kernel
+    except ImportError:  # pragma: no cover - older Triton: the forward keeps cuBLAS slabs
+        TensorDescriptor = None
 
 DEFAULT_SLAB_BYTES = 128 << 20
 # Gradient filtering runs only from this hidden size up: below it the slab products are so cheap that the
@@ -146,6 +153,72 @@ def _classifier_slab(c, perm, start: int, cols: int, buffer):
     return out
 
 
+def _descriptor_ready(t: torch.Tensor) -> bool:
+    # A tensor descriptor needs a unit inner stride and 16-byte aligned rows and base address.
+    return (t.dim() == 2 and t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0
+            and t.data_ptr() % 16 == 0)
+
+
+def tma_forward_applies(e: torch.Tensor, c: torch.Tensor) -> bool:
+    """Whether :func:`forward_stats` runs the descriptor-fed fused kernel (``LMFORGE_CCE_TMA``: 1 forces it
+    where it can run at all, e.g. under the interpreter; 0 keeps cuBLAS slabs): by default on sm_90+ GPUs for
+    16-bit inputs whose rows suit a tensor descriptor. Before Hopper there is no TMA and cuBLAS slabs stay
+    (not measured there); float32 inputs keep cuBLAS's full-precision products."""
+    choice = os.environ.get("LMFORGE_CCE_TMA", "auto")
+    if choice not in ("auto", "0", "1"):
+        raise ValueError(f"LMFORGE_CCE_TMA must be auto, 0 or 1, got {choice!r}")
+    if choice == "0" or TensorDescriptor is None or e.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if not (_descriptor_ready(e) and _descriptor_ready(c) and c.dtype == e.dtype):
+        return False
+    if choice == "1":
+        return True
+    return e.is_cuda and torch.cuda.get_device_capability(e.device)[0] >= 9 and not interpreting()
+
+
+def _forward_stats_tma(e, c, slab_bias, slab_targets, *, softcap, need_sum, need_mu, cols_per_slab, perm,
+                       slab_lse):
+    """:func:`forward_stats` through :func:`lse_tma_kernel`: no logit slab, (splits x N) partials."""
+    n, d = e.shape
+    vocab = c.shape[0]
+    cfg = configs.config_for("tma", e.dtype, e.device, d)
+    n_blocks = triton.cdiv(n, cfg["BLOCK_N"])
+    # One slab of the whole vocabulary unless the filtered backward needs a per-slab table.
+    slab = cols_per_slab if slab_lse is not None else vocab
+    n_slab = -(-vocab // slab)
+    slab_tiles = triton.cdiv(slab, cfg["BLOCK_V"])
+    # About four waves of programs: each slab split into `sub` parts of whole tiles.
+    sms = _num_sms(e.device.index or 0) if e.is_cuda else 4
+    sub = max(1, min(slab_tiles, -(-4 * sms // (n_blocks * n_slab))))
+    v_per_sub = triton.cdiv(slab_tiles, sub) * cfg["BLOCK_V"]
+    sub = triton.cdiv(slab, v_per_sub)
+    f32 = dict(dtype=torch.float32, device=e.device)
+    if slab_lse is not None and sub == 1:
+        l_part = slab_lse  # the splits are the slabs: the kernel writes the table itself
+    else:
+        l_part = torch.empty((n_slab * sub, n), **f32)
+    w_part = torch.empty((n_slab * sub, n), **f32) if need_mu else l_part
+    sum_part = torch.empty((n_slab * sub, n), **f32) if need_sum else l_part
+    tgt = torch.zeros(n, **f32)
+    e_desc = TensorDescriptor.from_tensor(e, [cfg["BLOCK_N"], cfg["BLOCK_D"]])
+    c_desc = TensorDescriptor.from_tensor(c, [cfg["BLOCK_V"], cfg["BLOCK_D"]])
+    launch = {} if interpreting() else dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    lse_tma_kernel[(n_blocks, n_slab * sub)](
+        e_desc, c_desc, c, perm if perm is not None else slab_targets,
+        slab_bias if slab_bias is not None else l_part, slab_targets,
+        l_part, w_part, sum_part, tgt, n, vocab, slab, v_per_sub, c.stride(0),
+        float(softcap) if softcap is not None else 1.0,
+        D=d, SUB=sub, HAS_BIAS=slab_bias is not None, HAS_SOFTCAP=softcap is not None, GATHER=perm is not None,
+        NEED_SUM=need_sum, NEED_MU=need_mu, UPCAST=interpreting(),
+        BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BLOCK_D"], **launch,
+    )
+    if slab_lse is not None and sub > 1:
+        torch.logsumexp(l_part.view(n_slab, sub, n), dim=1, out=slab_lse)
+    lse, sum_logit, mean_logit = combine_splits(l_part, w_part if need_mu else None,
+                                                sum_part if need_sum else None)
+    return lse, tgt, sum_logit, mean_logit
+
+
 def forward_stats(e, c, bias, targets, *, softcap=None, need_sum=False, need_mu=False, slab_bytes=None,
                   perm=None, slab_lse=None):
     """Per-token (lse, target_logit, sum_logit, mean_logit), float32, shape (N,) each.
@@ -153,9 +226,17 @@ def forward_stats(e, c, bias, targets, *, softcap=None, need_sum=False, need_mu=
     ``perm``: visit the vocabulary in this order (int32, from :func:`lmforge.cce.triton_impl.vocab_order`),
     so that slabs hold tokens of similar mean logit. ``slab_lse``: a float32 (:func:`n_slabs`, N) tensor that
     receives every row's log-sum-exp over each slab (in visiting order), which the filtered backward needs.
+    Where :func:`tma_forward_applies` (Hopper, 16-bit inputs) one fused kernel computes it all without a
+    logit slab; else cuBLAS writes fp32 slabs that a Triton pass reduces.
     """
     n, vocab = e.shape[0], c.shape[0]
     cols_per_slab = slab_columns(n, vocab, slab_bytes)
+    if slab_lse is not None and tuple(slab_lse.shape) != (n_slabs(n, vocab, slab_bytes), n):
+        raise ValueError(f"slab_lse must have shape {(n_slabs(n, vocab, slab_bytes), n)}, got {tuple(slab_lse.shape)}")
+    slab_targets, slab_bias = _permuted(targets, bias, perm, vocab)
+    if tma_forward_applies(e, c):
+        return _forward_stats_tma(e, c, slab_bias, slab_targets, softcap=softcap, need_sum=need_sum,
+                                  need_mu=need_mu, cols_per_slab=cols_per_slab, perm=perm, slab_lse=slab_lse)
     cfg = _blocks(e.device, "stats")
     f32 = dict(dtype=torch.float32, device=e.device)
     m = torch.full((n,), float("-inf"), **f32)
@@ -163,9 +244,6 @@ def forward_stats(e, c, bias, targets, *, softcap=None, need_sum=False, need_mu=
     w = torch.zeros(n, **f32) if need_mu else s
     zsum = torch.zeros(n, **f32) if need_sum else s
     tgt = torch.zeros(n, **f32)
-    if slab_lse is not None and tuple(slab_lse.shape) != (n_slabs(n, vocab, slab_bytes), n):
-        raise ValueError(f"slab_lse must have shape {(n_slabs(n, vocab, slab_bytes), n)}, got {tuple(slab_lse.shape)}")
-    slab_targets, slab_bias = _permuted(targets, bias, perm, vocab)
     c_buffer = torch.empty((cols_per_slab, c.shape[1]), dtype=c.dtype, device=c.device) if perm is not None else None
     buffer = torch.empty(n * cols_per_slab, **f32)
     for index, start in enumerate(range(0, vocab, cols_per_slab)):

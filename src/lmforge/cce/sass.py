@@ -74,7 +74,8 @@ def fused_kernels(n: int = 8192, d: int = 2304, v: int = 256000, arch: int = 90,
                   perm: bool = True) -> dict:
     """(kernel, args, constexprs, num_warps, num_stages) of the fused forward and backward for bf16 inputs
     at this shape, with the shipped configurations fitted to ``shared_limit`` (configs.resolve), the sorted
-    order (``perm``) and the tile map the filtered backward reads."""
+    order (``perm``) and the tile map the filtered backward reads; on sm_90+ also the GEMM path's
+    descriptor-fed forward ("tma"; ``perm``: gathered classifier rows, one split per slab)."""
     from lmforge.cce.kernels.backward import logit_grad_kernel
     from lmforge.cce.kernels.forward import lse_forward_kernel
 
@@ -97,8 +98,27 @@ def fused_kernels(n: int = 8192, d: int = 2304, v: int = 256000, arch: int = 90,
                     stride_dzn=("i32", slab), softcap=("fp32", 1.0), log_eps=("fp32", -8.3), **ints)
     bwd_const = dict(common, FILTER=perm, HAS_G_LSE=True, HAS_G_TGT=True, HAS_G_SUM=False, HAS_G_MU=False,
                      MAP_V=fwd["BLOCK_V"], **{k: bwd[k] for k in ("BLOCK_N", "BLOCK_V", "BLOCK_D")})
-    return {"fwd": (lse_forward_kernel, fwd_args, fwd_const, fwd["num_warps"], fwd["num_stages"], fwd),
-            "bwd": (logit_grad_kernel, bwd_args, bwd_const, bwd["num_warps"], bwd["num_stages"], bwd)}
+    kernels = {"fwd": (lse_forward_kernel, fwd_args, fwd_const, fwd["num_warps"], fwd["num_stages"], fwd),
+               "bwd": (logit_grad_kernel, bwd_args, bwd_const, bwd["num_warps"], bwd["num_stages"], bwd)}
+    if arch >= 90:  # the GEMM path's descriptor-fed forward runs only where there is TMA
+        kernels["tma"] = _tma_forward(n, d, v, arch, shared_limit, perm, slab)
+    return kernels
+
+
+def _tma_forward(n: int, d: int, v: int, arch: int, shared_limit: int, gather: bool, slab: int) -> tuple:
+    from lmforge.cce.kernels.tma_forward import lse_tma_kernel
+
+    cfg = configs.resolve("tma", torch.bfloat16, f"sm_{arch}", d, shared_limit, cache={}, arch=arch)
+    args = dict(_pointers("C:*bf16", "Perm:*i32", "Bias:*bf16", "Targets:*i64", "L_out:*fp32", "W_out:*fp32",
+                          "Sum_out:*fp32", "Tgt_out:*fp32"),
+                e_desc=(f"tensordesc<bf16[{cfg['BLOCK_N']}, {cfg['BLOCK_D']}]>", None),
+                c_desc=(f"tensordesc<bf16[{cfg['BLOCK_V']}, {cfg['BLOCK_D']}]>", None),
+                N=("i32", n), V=("i32", v), cols_per_slab=("i32", slab if gather else v),
+                v_per_sub=("i32", slab if gather else cfg["BLOCK_V"] * 31), stride_cv=("i32", d),
+                softcap=("fp32", 1.0))
+    consts = dict(D=d, SUB=1 if gather else 9, HAS_BIAS=False, HAS_SOFTCAP=False, GATHER=gather, NEED_SUM=False,
+                  NEED_MU=False, UPCAST=False, **{k: cfg[k] for k in ("BLOCK_N", "BLOCK_V", "BLOCK_D")})
+    return lse_tma_kernel, args, consts, cfg["num_warps"], cfg["num_stages"], cfg
 
 
 GPUS = {"H200": (90, 232448), "A100": (80, 166912), "L4": (89, 101376)}  # (arch, shared memory per block)

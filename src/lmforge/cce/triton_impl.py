@@ -103,15 +103,22 @@ def forward_stats(e, c, bias, targets, *, softcap=None, need_sum=False, need_mu=
         BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BLOCK_D"], SUB=sub,
         **_launch_kwargs(cfg),
     )
+    lse, sum_logit, mean_logit = combine_splits(l_part, w_part if need_mu else None,
+                                                sum_part if need_sum else None)
+    return lse, tgt_part.sum(dim=0), sum_logit, mean_logit, (tile_map if map_sub else None)
+
+
+def combine_splits(l_part, w_part=None, sum_part=None):
+    """(lse, sum_logit, mean_logit) of a row from its (splits, N) partials: each split's log-sum-exp, and
+    when given its softmax-weighted mean logit and its plain logit sum (zeros where not given)."""
     lse = torch.logsumexp(l_part, dim=0)  # splits that saw no column hold -inf and weigh nothing
-    target_logit = tgt_part.sum(dim=0)
-    sum_logit = sum_part.sum(dim=0) if need_sum else torch.zeros_like(lse)
-    if need_mu:
+    sum_logit = sum_part.sum(dim=0) if sum_part is not None else torch.zeros_like(lse)
+    if w_part is not None:
         share = torch.exp(l_part - lse)
         mean_logit = torch.where(share > 0, share * w_part, torch.zeros_like(w_part)).sum(dim=0)
     else:
         mean_logit = torch.zeros_like(lse)
-    return lse, target_logit, sum_logit, mean_logit, (tile_map if map_sub else None)
+    return lse, sum_logit, mean_logit
 
 
 def vocab_order(e, c, bias) -> torch.Tensor:

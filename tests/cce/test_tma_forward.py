@@ -1,0 +1,85 @@
+"""The GEMM path's descriptor-fed forward (kernels/tma_forward.py) against float64 and the cuBLAS-slab forward.
+
+On the CPU it runs under the Triton interpreter (LMFORGE_CCE_TMA=1 forces it there); on an H200 the same
+tests run the compiled kernel, which is also what impl="gemm" uses by default for 16-bit inputs.
+"""
+
+import pytest
+import torch
+
+from lmforge.cce import gemm_impl, linear_cross_entropy
+from tests.cce.test_api import D, N, V, backward_both, make_inputs, reference, rel_err
+from tests.conftest import DEVICE
+
+
+def float64_stats(e, c, b, t, softcap, perm, cols):
+    """lse, target logit, logit sum, softmax-mean logit and the per-slab lse table, in float64."""
+    z = e.double() @ c.double().T
+    if b is not None:
+        z = z + b.double()
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    lse = torch.logsumexp(z, 1)
+    valid = (t >= 0) & (t < z.shape[1])
+    tgt = torch.where(valid, z.gather(1, t.clamp(0, z.shape[1] - 1)[:, None])[:, 0], 0.0)
+    mu = (torch.softmax(z, 1) * z).sum(1)
+    zs = z[:, perm.long()] if perm is not None else z
+    table = torch.stack([torch.logsumexp(zs[:, i:i + cols], 1) for i in range(0, z.shape[1], cols)])
+    return lse, tgt, z.sum(1), mu, table
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("cols", [16, 32, 48, V])  # splits = slabs (16), slabs cut in parts, one slab
+@pytest.mark.parametrize("sorted_order", [False, True])
+def test_tma_forward_matches_float64_and_the_slab_forward(monkeypatch, dtype, cols, sorted_order):
+    e, c, t, b = make_inputs(dtype, ignore_frac=0.2, with_bias=True)
+    e, c, b = e.detach(), c.detach(), b.detach()
+    monkeypatch.setenv("LMFORGE_CCE_SLAB_MB", str(cols * N * 4 / 2**20))
+    assert gemm_impl.slab_columns(N, V) == cols
+    perm = torch.randperm(V, generator=torch.Generator().manual_seed(3)).to(DEVICE, torch.int32) \
+        if sorted_order else None
+    results = {}
+    for tma in ("1", "0"):
+        monkeypatch.setenv("LMFORGE_CCE_TMA", tma)
+        assert gemm_impl.tma_forward_applies(e, c) == (tma == "1")
+        table = torch.full((gemm_impl.n_slabs(N, V), N), float("nan"), device=DEVICE)
+        stats = gemm_impl.forward_stats(e, c, b, t, softcap=3.0, need_sum=True, need_mu=True, perm=perm,
+                                        slab_lse=table)
+        results[tma] = (*stats, table)
+    ref = float64_stats(e.cpu(), c.cpu(), b.cpu(), t.cpu(), 3.0, perm.cpu() if perm is not None else None, cols)
+    for got, want in zip(results["1"], ref):
+        torch.testing.assert_close(got.double().cpu(), want, rtol=1e-5, atol=1e-5)
+    for got, slab in zip(results["1"], results["0"]):  # the same fp32 products as cuBLAS's slabs
+        torch.testing.assert_close(got, slab, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("filter_eps", [None, 2.0 ** -10])
+def test_gemm_loss_with_the_tma_forward_matches_float64(monkeypatch, filter_eps):
+    # The whole autograd path: the forward's table (sorted order, gathered classifier rows) drives the
+    # filtered backward exactly as the cuBLAS forward's does.
+    monkeypatch.setenv("LMFORGE_CCE_TMA", "1")
+    monkeypatch.setenv("LMFORGE_CCE_SLAB_MB", str(32 * N * 4 / 2**20))
+    monkeypatch.setattr(gemm_impl, "FILTER_MIN_D", 1)  # this small shape filters too
+    e, c, t, b = make_inputs(torch.bfloat16, ignore_frac=0.2, with_bias=True, scale=3.0)
+    out = linear_cross_entropy(e, c, t, bias=b, impl="gemm", softcap=5.0, filter_eps=filter_eps,
+                               reduction="none")
+    ref, _, (e64, c64, b64) = reference(e, c, t, b, softcap=5.0, reduction="none")
+    backward_both(out, ref)
+    assert rel_err(out, ref) < 1e-3
+    for got, want in ((e.grad, e64.grad), (c.grad, c64.grad), (b.grad, b64.grad)):
+        assert rel_err(got, want) < 1.2e-2
+
+
+def test_tma_forward_applies_only_where_a_descriptor_can_read_the_rows(monkeypatch):
+    e, c, _, _ = make_inputs(torch.bfloat16)
+    monkeypatch.setenv("LMFORGE_CCE_TMA", "1")
+    assert gemm_impl.tma_forward_applies(e, c)
+    assert not gemm_impl.tma_forward_applies(e.float(), c.float())  # fp32 keeps cuBLAS's fp32 products
+    odd = torch.zeros(N, D + 1, dtype=torch.bfloat16, device=DEVICE)[:, :D]  # 82-byte rows: no descriptor
+    assert not gemm_impl.tma_forward_applies(odd, c)
+    assert not gemm_impl.tma_forward_applies(e.t(), c)
+    monkeypatch.setenv("LMFORGE_CCE_TMA", "0")
+    assert not gemm_impl.tma_forward_applies(e, c)
+    monkeypatch.setenv("LMFORGE_CCE_TMA", "yes")
+    with pytest.raises(ValueError, match="LMFORGE_CCE_TMA"):
+        gemm_impl.tma_forward_applies(e, c)
