@@ -1,6 +1,6 @@
-"""Where the time goes in one forward+backward of lmforge's CCE (GPU): CUDA time per kernel name.
+"""Where the time goes in one forward+backward (or forward) of lmforge's CCE (GPU): CUDA time per kernel name.
 
-    python bench/cce_profile.py --shape gemma2-2b --regime calibrated
+    python bench/cce_profile.py --shape gemma2-2b --regime calibrated [--filter-eps auto] [--forward]
 """
 
 import argparse
@@ -22,16 +22,23 @@ def main():
     ap.add_argument("--shape", default="gemma2-2b")
     ap.add_argument("--regime", default="calibrated")
     ap.add_argument("--real-path", default=".benchdata/real.safetensors")
-    ap.add_argument("--filter-eps", type=float, help="profile with this gradient-filter budget (default: exact)")
+    ap.add_argument("--filter-eps", help="profile with this gradient-filter budget: a number, auto or fast "
+                                         "(default: exact)")
+    ap.add_argument("--forward", action="store_true", help="profile the forward alone, without autograd")
     args = ap.parse_args()
+    eps = args.filter_eps if args.filter_eps in (None, "auto", "fast") else float(args.filter_eps)
     n, d, v = parse_shape(args.shape)
     e, c, t = make_inputs(args.regime, n, d, v, dtype=torch.bfloat16, device="cuda", real_path=args.real_path)
     e.requires_grad_(True)
     c.requires_grad_(True)
 
     def step():
+        if args.forward:
+            with torch.no_grad():
+                linear_cross_entropy(e, c, t, filter_eps=eps)
+            return
         e.grad = c.grad = None
-        linear_cross_entropy(e, c, t, filter_eps=args.filter_eps).backward()
+        linear_cross_entropy(e, c, t, filter_eps=eps).backward()
 
     for _ in range(3):
         step()
@@ -39,7 +46,8 @@ def main():
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
-    print(f"{args.shape} / {args.regime} / filter_eps {args.filter_eps}", flush=True)
+    print(f"{args.shape} / {args.regime} / filter_eps {args.filter_eps}" + (" / forward" if args.forward else ""),
+          flush=True)
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
 
 

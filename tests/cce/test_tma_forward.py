@@ -83,3 +83,23 @@ def test_tma_forward_applies_only_where_a_descriptor_can_read_the_rows(monkeypat
     monkeypatch.setenv("LMFORGE_CCE_TMA", "yes")
     with pytest.raises(ValueError, match="LMFORGE_CCE_TMA"):
         gemm_impl.tma_forward_applies(e, c)
+
+
+@pytest.mark.parametrize("impl", ["gemm", "triton"])
+def test_forward_without_autograd_does_not_sort_for_filtering(monkeypatch, impl):
+    # Filtering serves the backward: under no_grad (inference, log-probabilities) the forward must not pay
+    # for the sorted order, and its statistics are those of the exact forward.
+    from lmforge.cce import triton_impl
+
+    monkeypatch.setattr(gemm_impl, "FILTER_MIN_D", 1)
+    calls = []
+    order = triton_impl.vocab_order
+    monkeypatch.setattr(triton_impl, "vocab_order", lambda *a: calls.append(1) or order(*a))
+    e, c, t, _ = make_inputs(torch.bfloat16)
+    with torch.no_grad():
+        inference = linear_cross_entropy(e, c, t, impl=impl, filter_eps=2.0 ** -10, reduction="none")
+    assert calls == []
+    exact = linear_cross_entropy(e, c, t, impl=impl, filter_eps=None, reduction="none")
+    assert torch.equal(inference, exact.detach())
+    linear_cross_entropy(e, c, t, impl=impl, filter_eps=2.0 ** -10).backward()
+    assert calls  # with autograd the same call sorts

@@ -201,6 +201,11 @@ def _stats(e2d, c, bias, flat_targets, *, softcap, need_sum, need_mu, filter_eps
             eps = None
     if eps == 0:
         eps = None
+    if not (torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (e2d, c, bias))):
+        # No backward will run (inference, log-probabilities, no_grad): filtering would only add the sorted
+        # order's cost to the forward. (Inside the autograd Function grad mode is always off, so it is
+        # decided here.)
+        eps = None
     softcap = None if softcap is None else float(softcap)
     if shard is not None:
         return parallel.vocab_parallel_stats(e2d, c, bias, flat_targets, shard, ignore_index=ignore_index,
