@@ -51,7 +51,8 @@ def _resolve_impl(impl: str, device: torch.device, dtype: torch.dtype) -> str:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
         # On GPUs the GEMM path: fastest on the H200 (docs/benchmarks.md), as exact as the fused kernels,
-        # at the price of one 128 MiB logit slab; impl="triton" keeps the forward's workspace to a few vectors.
+        # at the price of one 128 MiB logit slab in the backward (and in the forward before Hopper);
+        # impl="triton" keeps the backward's workspace smaller.
         return "gemm" if device.type == "cuda" and triton_impl.HAS_TRITON else "torch"
     if impl in ("triton", "gemm"):
         if not triton_impl.HAS_TRITON:
