@@ -137,7 +137,10 @@ def test_packed_logits_to_keep_mask_with_shift_labels():
     keep = torch.rand(input_ids.shape, generator=torch.Generator().manual_seed(3)) < 0.6
     shift_labels = torch.randint(3, TINY_VOCAB_SIZE, (int(keep.sum()),), generator=torch.Generator().manual_seed(4))
     inputs = dict(input_ids=input_ids, labels=labels, shift_labels=shift_labels, logits_to_keep=keep)
-    stock, stock_grads = loss_and_grads(model, **inputs)
+    try:
+        stock, stock_grads = loss_and_grads(model, **inputs)
+    except (IndexError, TypeError) as err:  # e.g. the H200 machine's older transformers: no reference to compare
+        pytest.skip(f"this transformers' stock model does not take a boolean logits_to_keep: {err}")
     patched, patched_grads = loss_and_grads(patch(model), **inputs)
     assert relative_error(patched.loss, stock.loss) < 1e-5
     assert_grads_close(patched_grads, stock_grads, rtol=1e-5)
