@@ -1,9 +1,10 @@
 """Where the time goes in one forward+backward (or forward) of lmforge's CCE (GPU): CUDA time per kernel name.
 
-    python bench/cce_profile.py --shape gemma2-2b --regime calibrated [--filter-eps auto] [--forward]
+    python bench/cce_profile.py --shape gemma2-2b --regime calibrated [--filter-eps auto] [--forward] [--event-timing]
 """
 
 import argparse
+import statistics
 import sys
 from pathlib import Path
 
@@ -25,6 +26,9 @@ def main():
     ap.add_argument("--filter-eps", help="profile with this gradient-filter budget: a number, auto or fast "
                                          "(default: exact)")
     ap.add_argument("--forward", action="store_true", help="profile the forward alone, without autograd")
+    ap.add_argument("--event-timing", action="store_true",
+                    help="also time the step with CUDA events as bench/cce_gpu.py does, once plainly and once with "
+                         "the GPU kept busy before the start event (hides the host's enqueueing of the call)")
     args = ap.parse_args()
     eps = args.filter_eps if args.filter_eps in (None, "auto", "fast") else float(args.filter_eps)
     n, d, v = parse_shape(args.shape)
@@ -43,12 +47,29 @@ def main():
     for _ in range(3):
         step()
     torch.cuda.synchronize()
+    if args.event_timing:
+        for busy in (False, True):
+            print(f"event-timed, GPU busy before start={busy}: {event_timed(step, busy):.2f} ms (median of 10)")
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
     print(f"{args.shape} / {args.regime} / filter_eps {args.filter_eps}" + (" / forward" if args.forward else ""),
           flush=True)
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
+
+
+def event_timed(step, busy: bool, repeats: int = 10) -> float:
+    times = []
+    for _ in range(repeats):
+        if busy:
+            torch.cuda._sleep(100_000_000)  # ~50 ms of spinning: the call is enqueued before the GPU reaches it
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
 
 
 def memory_probe(n=8192, d=2304, v=256000):
