@@ -196,6 +196,11 @@ def _gpu_of(index: int) -> tuple[str, int, int]:
     return props.name, shared, 10 * props.major + props.minor
 
 
+def compute_capability(device: torch.device) -> int:
+    """10 x major + minor of a CUDA device (cached: asked on every call of the loss)."""
+    return _gpu(device)[2]
+
+
 def config_for(kernel: str, dtype: torch.dtype | None, device: torch.device, d: int | None = None) -> dict:
     """Launch configuration of ``kernel`` for inputs of ``dtype`` and hidden size ``d`` on ``device``."""
     if device.type != "cuda":

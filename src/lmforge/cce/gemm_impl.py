@@ -179,7 +179,7 @@ def tma_forward_applies(e: torch.Tensor, c: torch.Tensor) -> bool:
         return False
     if choice == "1":
         return True
-    return e.is_cuda and torch.cuda.get_device_capability(e.device)[0] >= 9 and not interpreting()
+    return e.is_cuda and configs.compute_capability(e.device) >= 90 and not interpreting()
 
 
 def _forward_stats_tma(e, c, slab_bias, slab_targets, *, softcap, need_sum, need_mu, cols_per_slab, perm,
