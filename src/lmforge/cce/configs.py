@@ -3,8 +3,9 @@
 Five Triton kernels take tile shapes: ``fwd`` and ``bwd`` of the fused path (kernels/forward.py,
 kernels/backward.py: BLOCK_N x BLOCK_V logit tiles over BLOCK_D steps, warps, pipeline stages), ``tma``,
 the GEMM path's forward on Hopper (kernels/tma_forward.py, the same kinds of tiles), and ``stats`` and
-``grad`` of the GEMM path's slabs (kernels/slab.py: BLOCK_N rows x BLOCK_V columns per step, warps). The fastest shapes depend on the GPU, the dtype and the hidden size. :func:`config_for` resolves
-one kernel's configuration, in this order:
+``grad`` of the GEMM path's slabs (kernels/slab.py: BLOCK_N rows x BLOCK_V columns per step, warps). The
+fastest shapes depend on the GPU, the dtype and the hidden size. :func:`config_for` resolves one kernel's
+configuration, in this order:
 
 1. ``LMFORGE_CCE_CONFIG`` (JSON, e.g. ``{"fwd": {"num_stages": 3}}``): explicit overrides for experiments,
    applied on top of whatever follows;
