@@ -23,7 +23,8 @@ Outcome (H200, 2026-11-30, bench/results/cce_fused_probe.json): exact 15.5 ms ag
 forward, gathered sorted order 18.9; both now ship as lmforge.cce.kernels.tma_forward ("shipped_*" above
 then time that kernel on Hopper, "shipped_*_cublas" the cuBLAS-slab forward).
 
-``binned`` (next to measure): the exact order with TMA for both operands, each tile's probabilities also summed
+Since that outcome the exact, sorted and gather modes launch the shipped kernel (the probe's own copy of it,
+which produced the numbers above, is in git history at d36aa27). ``binned`` (next to measure): the exact order with TMA for both operands, each tile's probabilities also summed
 into the sorted vocabulary's slabs by a P x one-hot product, so the filtered backward's table costs no gathers.
 """
 
@@ -46,58 +47,8 @@ from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402
 
 from lmforge.cce import gemm_impl  # noqa: E402
 from lmforge.cce.kernels.forward import _add_target_logit, _store_split  # noqa: E402
+from lmforge.cce.kernels.tma_forward import lse_tma_kernel  # noqa: E402
 from lmforge.cce.triton_impl import interpreting, vocab_order  # noqa: E402
-
-
-@triton.jit
-def fused_lse_kernel(
-    e_desc, c_desc, C, Perm, Targets, L_out, Tgt_out,
-    N, V, v_per_split,
-    UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-    D: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, GATHER: tl.constexpr,
-):
-    # Program (pid_n, pid_s): rows [pid_n BLOCK_N, +BLOCK_N) over columns [pid_s v_per_split, +v_per_split)
-    # of C (a whole vocabulary or one contiguous slab). Each BLOCK_N x BLOCK_V tile: sum over D of
-    # E_tile C_tile^T (descriptor loads, fp32 accumulator), folded into an online log-sum-exp. Writes
-    # m + log s and the target logit per (split, row). Reads: E once per column tile, C once per row block.
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    row0 = pid_n * BLOCK_N
-    rows = row0 + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    targets = tl.load(Targets + rows, mask=row_ok, other=-1).to(tl.int64)
-    m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
-    s = tl.zeros((BLOCK_N,), tl.float32)
-    tgt = tl.zeros((BLOCK_N,), tl.float32)
-    v_begin = pid_s * v_per_split
-    v_end = tl.minimum(v_begin + v_per_split, V)
-    # WARP_SPECIALIZE: Triton's producer/consumer warp groups over the column tiles (loads of the next tile
-    # would overlap this tile's epilogue); Triton 3.6 does not apply it to this loop on sm_90 (see CONFIGS).
-    for v0 in tl.range(v_begin, v_end, BLOCK_V, warp_specialize=WARP_SPECIALIZE):
-        acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
-        if GATHER:  # C's rows at sorted positions v0.. through Perm, by pointer loads (TMA cannot gather on sm_90)
-            pos = v0 + tl.arange(0, BLOCK_V)
-            vocab_rows = tl.load(Perm + pos, mask=pos < v_end, other=0).to(tl.int64)
-        for d0 in tl.range(0, D, BLOCK_D):
-            a = e_desc.load([row0, d0])
-            if GATHER:
-                b = tl.load(C + vocab_rows[:, None] * D + (d0 + tl.arange(0, BLOCK_D))[None, :],
-                            mask=(d0 + tl.arange(0, BLOCK_D))[None, :] < D, other=0.0)
-            else:
-                b = c_desc.load([v0, d0])
-            if UPCAST:  # the interpreter multiplies bf16 as raw bits; fp32 gives the GPU's products
-                acc = tl.dot(a.to(tl.float32), b.to(tl.float32).T, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a, b.T, acc)
-        cols = v0 + tl.arange(0, BLOCK_V)
-        col_ok = cols < v_end
-        z = tl.where(col_ok[None, :], acc, float("-inf"))
-        m_new = tl.maximum(m, tl.max(z, axis=1))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
-        tgt = _add_target_logit(tgt, acc, cols, targets, col_ok)
-        m = m_new
-    _store_split(L_out, Tgt_out, pid_s * N + rows, m, s, tgt, row_ok)
-
 
 
 @triton.jit
@@ -183,12 +134,10 @@ def binned_forward(e, c, targets, cfg, *, splits=None, slab_bytes=None):
         D=e.shape[1], BUCKETS=buckets, **launch)
     return torch.logsumexp(partial[0], 0), partial[1].sum(0), torch.logsumexp(bins, 0)[:n_slab]
 
-def _launch_lse(e, c_part, targets, cfg, splits, perm=None, v_per_split=None, partials=False):
-    """(lse over c_part's rows, target logit) for targets given as positions in c_part (-1: none).
-
-    With ``perm``: c_part is the whole classifier visited in the order perm (pointer gathers); with
-    ``v_per_split`` (a multiple of BLOCK_V) the splits are that wide; ``partials``: return the per-split
-    (lse, target) partials instead of combining them."""
+def _launch_lse(e, c_part, targets, cfg, splits, perm=None, v_per_split=None):
+    """(per-split lse over c_part's rows (splits x N), target logit (N)) for targets given as positions in c_part
+    (-1: none), through the shipped kernel (lmforge.cce.kernels.tma_forward). With ``perm``: c_part is the whole
+    classifier visited in the order perm (pointer gathers); with ``v_per_split`` the splits are that wide."""
     n, d = e.shape
     cols = c_part.shape[0]
     e_desc = TensorDescriptor.from_tensor(e, [cfg["BLOCK_N"], cfg["BLOCK_D"]])
@@ -198,16 +147,17 @@ def _launch_lse(e, c_part, targets, cfg, splits, perm=None, v_per_split=None, pa
         splits = max(1, min(splits, v_tiles))
         v_per_split = triton.cdiv(v_tiles, splits) * cfg["BLOCK_V"]
     splits = triton.cdiv(cols, v_per_split)
-    partial = torch.empty((2, splits, n), dtype=torch.float32, device=e.device)
+    l_part = torch.empty((splits, n), dtype=torch.float32, device=e.device)
+    tgt = torch.zeros(n, dtype=torch.float32, device=e.device)
     launch = {} if interpreting() else dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    fused_lse_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), splits)](
-        e_desc, c_desc, c_part, perm if perm is not None else targets, targets, partial[0], partial[1],
-        n, cols, v_per_split,
-        UPCAST=interpreting(), BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BLOCK_D"], D=d,
-        WARP_SPECIALIZE=cfg.get("warp_specialize", False), GATHER=perm is not None, **launch)
-    if partials:
-        return partial[0], partial[1]
-    return torch.logsumexp(partial[0], 0), partial[1].sum(0)
+    # One slab per split when gathering (the splits are the table's slabs), else one slab cut in `splits`.
+    slab, sub = (v_per_split, 1) if perm is not None else (cols, splits)
+    lse_tma_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), splits)](
+        e_desc, c_desc, c_part, perm if perm is not None else targets, l_part, targets, l_part, l_part, l_part, tgt,
+        n, cols, slab, v_per_split, c_part.stride(0), 1.0,
+        D=d, SUB=sub, HAS_BIAS=False, HAS_SOFTCAP=False, GATHER=perm is not None, NEED_SUM=False, NEED_MU=False,
+        UPCAST=interpreting(), BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BLOCK_D"], **launch)
+    return l_part, tgt
 
 
 def fused_forward(e, c, targets, cfg, *, sorted_order=False, splits=None, slab_bytes=None, gather=False):
@@ -224,14 +174,13 @@ def fused_forward(e, c, targets, cfg, *, sorted_order=False, splits=None, slab_b
         cols_per_slab = gemm_impl.slab_columns(n, vocab, slab_bytes)
         if cols_per_slab % cfg["BLOCK_V"]:
             raise ValueError(f"slab width {cols_per_slab} is no multiple of BLOCK_V {cfg['BLOCK_V']}")
-        table, tgt = _launch_lse(e, c, slab_targets, cfg, None, perm=perm, v_per_split=cols_per_slab,
-                                 partials=True)
-        return torch.logsumexp(table, 0), tgt.sum(0), table
+        table, tgt = _launch_lse(e, c, slab_targets, cfg, None, perm=perm, v_per_split=cols_per_slab)
+        return torch.logsumexp(table, 0), tgt, table
     if not sorted_order:  # ~16 waves of programs over the whole vocabulary
         valid = (targets >= 0) & (targets < vocab)
-        lse, tgt = _launch_lse(e, c, torch.where(valid, targets, -1), cfg,
-                               splits or max(1, round(16 * sms / row_blocks)))
-        return lse, tgt, None
+        l_part, tgt = _launch_lse(e, c, torch.where(valid, targets, -1), cfg,
+                                  splits or max(1, round(16 * sms / row_blocks)))
+        return torch.logsumexp(l_part, 0), tgt, None
     splits = splits or max(1, round(sms / row_blocks))  # about one wave per slab
     perm = vocab_order(e, c, None)
     slab_targets, _ = gemm_impl._permuted(targets, None, perm, vocab)
@@ -243,7 +192,8 @@ def fused_forward(e, c, targets, cfg, *, sorted_order=False, splits=None, slab_b
         cols = min(cols_per_slab, vocab - start)
         c_slab = gemm_impl._classifier_slab(c, perm, start, cols, c_buffer)
         local = torch.where((slab_targets >= start) & (slab_targets < start + cols), slab_targets - start, -1)
-        table[index], slab_tgt = _launch_lse(e, c_slab, local, cfg, splits)
+        l_part, slab_tgt = _launch_lse(e, c_slab, local, cfg, splits)
+        table[index] = torch.logsumexp(l_part, 0)
         tgt += slab_tgt
     return torch.logsumexp(table, 0), tgt, table
 
@@ -267,9 +217,8 @@ def selftest():
     t = torch.randint(0, v, (n,), generator=g)
     z = e.double() @ c.double().T
     ref_lse, ref_tgt = torch.logsumexp(z, 1), z[torch.arange(n), t]
-    for ws, sorted_order, gather in ((False, False, False), (False, True, False), (True, True, False),
-                                     (False, True, True)):
-        cfg = dict(BLOCK_N=16, BLOCK_V=32, BLOCK_D=16, num_warps=4, num_stages=1, warp_specialize=ws)
+    for sorted_order, gather in ((False, False), (True, False), (True, True)):
+        cfg = dict(BLOCK_N=16, BLOCK_V=32, BLOCK_D=16, num_warps=4, num_stages=1)
         lse, tgt, table = fused_forward(e, c, t, cfg, sorted_order=sorted_order, splits=3, slab_bytes=64 * n * 4,
                                         gather=gather)
         assert torch.allclose(lse.double(), ref_lse, rtol=1e-6, atol=1e-5), (lse - ref_lse).abs().max()
