@@ -24,8 +24,9 @@ forward, gathered sorted order 18.9; both now ship as lmforge.cce.kernels.tma_fo
 then time that kernel on Hopper, "shipped_*_cublas" the cuBLAS-slab forward).
 
 Since that outcome the exact, sorted and gather modes launch the shipped kernel (the probe's own copy of it,
-which produced the numbers above, is in git history at d36aa27). ``binned`` (next to measure): the exact order with TMA for both operands, each tile's probabilities also summed
-into the sorted vocabulary's slabs by a P x one-hot product, so the filtered backward's table costs no gathers.
+which produced the numbers above, is in git history at d36aa27). ``binned`` (next to measure): the exact
+order with TMA for both operands, each tile's probabilities also summed into the sorted vocabulary's slabs
+by a P x one-hot product, so the filtered backward's table costs no gathers.
 """
 
 import argparse
