@@ -48,7 +48,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402
 
 from lmforge.cce import gemm_impl  # noqa: E402
 from lmforge.cce.kernels.forward import _add_target_logit, _store_split  # noqa: E402
-from lmforge.cce.kernels.tma_forward import lse_tma_kernel  # noqa: E402
+from lmforge.cce.kernels.tma_forward import lse_tma_kernel, row_block  # noqa: E402
 from lmforge.cce.triton_impl import interpreting, vocab_order  # noqa: E402
 
 
@@ -65,12 +65,8 @@ def binned_lse_kernel(
     # more tensor-core product, P (BLOCK_N x BLOCK_V) times the tile's one-hot slab matrix (BLOCK_V x
     # BUCKETS): 2 * BUCKETS / D of the tile's main product (5.6% at Gemma's D = 2304 with 64 bins). Bins are
     # rescaled with the running max like the sum.
-    pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
-    row0 = pid_n * BLOCK_N
-    rows = row0 + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    targets = tl.load(Targets + rows, mask=row_ok, other=-1).to(tl.int64)
+    row0, rows, row_ok, targets = row_block(Targets, N, BLOCK_N)
     m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     s = tl.zeros((BLOCK_N,), tl.float32)
     tgt = tl.zeros((BLOCK_N,), tl.float32)

@@ -30,6 +30,15 @@ from lmforge.cce.kernels.forward import _add_target_logit, _tanh
 
 
 @triton.jit
+def row_block(Targets, N, BLOCK_N: tl.constexpr):
+    """Program axis 0's first row, its BLOCK_N rows, their mask and their targets (int64; -1 where masked)."""
+    row0 = tl.program_id(0) * BLOCK_N
+    rows = row0 + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    return row0, rows, row_ok, tl.load(Targets + rows, mask=row_ok, other=-1).to(tl.int64)
+
+
+@triton.jit
 def lse_tma_kernel(
     e_desc, c_desc, C, Perm, Bias, Targets,
     L_out, W_out, Sum_out, Tgt_out,
@@ -39,12 +48,8 @@ def lse_tma_kernel(
     NEED_SUM: tl.constexpr, NEED_MU: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
-    row0 = pid_n * BLOCK_N
-    rows = row0 + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    targets = tl.load(Targets + rows, mask=row_ok, other=-1).to(tl.int64)
+    row0, rows, row_ok, targets = row_block(Targets, N, BLOCK_N)
     slab_end = tl.minimum((pid_s // SUB + 1) * cols_per_slab, V)
     v_begin = (pid_s // SUB) * cols_per_slab + (pid_s % SUB) * v_per_sub
     v_end = tl.minimum(v_begin + v_per_sub, slab_end)
