@@ -1,9 +1,11 @@
 """Where the time goes in one forward+backward (or forward) of lmforge's CCE (GPU): CUDA time per kernel name.
 
-    python bench/cce_profile.py --shape gemma2-2b --regime calibrated [--filter-eps auto] [--forward] [--event-timing]
+    python bench/cce_profile.py --shape gemma2-2b --regime calibrated [--filter-eps auto] [--forward]
+        [--event-timing] [--trace]
 """
 
 import argparse
+import json
 import statistics
 import sys
 from pathlib import Path
@@ -11,7 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import torch  # noqa: E402
-from torch.profiler import ProfilerActivity, profile  # noqa: E402
+from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
 
 from lmforge.cce import linear_cross_entropy  # noqa: E402
 from lmforge.cce.benchmark import parse_shape  # noqa: E402
@@ -29,6 +31,9 @@ def main():
     ap.add_argument("--event-timing", action="store_true",
                     help="also time the step with CUDA events as bench/cce_gpu.py does, once plainly and once with "
                          "the GPU kept busy before the start event (hides the host's enqueueing of the call)")
+    ap.add_argument("--trace", action="store_true",
+                    help="also trace 5 plainly event-timed steps and split each into GPU idle before its longest "
+                         "kernel, that kernel's duration and the rest (where an event-timed step's time goes)")
     args = ap.parse_args()
     eps = args.filter_eps if args.filter_eps in (None, "auto", "fast") else float(args.filter_eps)
     n, d, v = parse_shape(args.shape)
@@ -50,6 +55,9 @@ def main():
     if args.event_timing:
         for busy in (False, True):
             print(f"event-timed, GPU busy before start={busy}: {event_timed(step, busy):.2f} ms (median of 10)")
+    if args.trace:
+        for row in traced_steps(step):
+            print("traced step:", json.dumps(row))
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
@@ -70,6 +78,51 @@ def event_timed(step, busy: bool, repeats: int = 10) -> float:
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
+
+
+def traced_steps(step, repeats: int = 5) -> list[dict]:
+    """Event-timed steps under the profiler, each split by :func:`step_timeline`."""
+    import tempfile
+
+    elapsed = []
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            with record_function("traced_step"):
+                start.record()
+                step()
+                end.record()
+            torch.cuda.synchronize()
+            elapsed.append(start.elapsed_time(end))
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        events = json.load(open(f.name))["traceEvents"]
+    rows = step_timeline(events, "traced_step")
+    for row, ms in zip(rows, elapsed):
+        row["event_ms"] = round(ms, 3)
+    return rows
+
+
+def step_timeline(events: list[dict], marker: str) -> list[dict]:
+    """Per host-side ``marker`` span of a chrome trace: when its first and its longest GPU kernel started
+    after the span began (ms: GPU idle that host enqueueing explains), the longest kernel's duration (a kernel
+    slower than when measured alone points at clocks) and the GPU span from first kernel start to last end."""
+    spans = sorted((e for e in events if e.get("ph") == "X" and e.get("name") == marker
+                    and e.get("cat") == "user_annotation"), key=lambda e: e["ts"])
+    kernels = sorted((e for e in events if e.get("ph") == "X" and e.get("cat") == "kernel"), key=lambda e: e["ts"])
+    rows = []
+    for i, span in enumerate(spans):
+        t0 = span["ts"]
+        t1 = spans[i + 1]["ts"] if i + 1 < len(spans) else float("inf")
+        mine = [k for k in kernels if t0 <= k["ts"] < t1]
+        if not mine:
+            continue
+        main = max(mine, key=lambda k: k["dur"])
+        rows.append(dict(first_kernel_after_ms=round((mine[0]["ts"] - t0) / 1e3, 3),
+                         main_kernel=main["name"][:60], main_start_after_ms=round((main["ts"] - t0) / 1e3, 3),
+                         main_ms=round(main["dur"] / 1e3, 3), kernels=len(mine),
+                         gpu_span_ms=round((max(k["ts"] + k["dur"] for k in mine) - mine[0]["ts"]) / 1e3, 3)))
+    return rows
 
 
 def memory_probe(n=8192, d=2304, v=256000):

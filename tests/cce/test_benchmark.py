@@ -70,3 +70,24 @@ def test_compare_flag_runs_every_implementation_and_regime(monkeypatch, tmp_path
     cli.main(base)  # without --compare: the config's defaults
     assert seen[-1].impls == benchmark.CCEBenchConfig().impls
     assert "apple_cce" in benchmark.compare_impls("cuda") and "liger" in benchmark.COMPARE_IMPLS["cuda"]
+
+
+def test_profile_step_timeline_splits_gpu_idle_from_kernel_time():
+    # bench/cce_profile.py --trace: a synthetic chrome trace with two host-side steps. The first step's
+    # longest kernel starts 1.4 ms after the step began (GPU idle while the host enqueues); the second's
+    # kernels start at once but its main kernel runs longer (e.g. lower clocks).
+    from tests.conftest import load_bench_script
+
+    profile_script = load_bench_script("cce_profile")
+    span = lambda ts, dur: dict(ph="X", cat="user_annotation", name="traced_step", ts=ts, dur=dur)  # noqa: E731
+    kernel = lambda name, ts, dur: dict(ph="X", cat="kernel", name=name, ts=ts, dur=dur)  # noqa: E731
+    events = [
+        span(1000, 900), kernel("fill", 1100, 2), kernel("lse_tma_kernel", 2400, 15500), kernel("sum", 17910, 5),
+        span(30000, 800), kernel("fill", 30010, 2), kernel("lse_tma_kernel", 30020, 16900),
+        dict(ph="X", cat="cpu_op", name="aten::sum", ts=30100, dur=10),
+        kernel("other_process_step", 60000, 3),  # after the last span: belongs to it, but it is not the longest
+    ]
+    first, second = profile_script.step_timeline(events, "traced_step")
+    assert first == dict(first_kernel_after_ms=0.1, main_kernel="lse_tma_kernel", main_start_after_ms=1.4,
+                         main_ms=15.5, kernels=3, gpu_span_ms=16.815)
+    assert second["main_start_after_ms"] == 0.02 and second["main_ms"] == 16.9 and second["kernels"] == 3
