@@ -52,6 +52,24 @@ def _add_target_logit(tgt, acc, cols, targets, col_ok):
 
 
 @triton.jit
+def fold_tile(z, col_ok, m, s, w, zsum, NEED_MU: tl.constexpr, NEED_SUM: tl.constexpr):
+    """Fold a tile of fp32 logits z (rows x columns; columns outside col_ok ignored) into each row's online
+    statistics: running max m, s = sum exp(z - m), and when asked the softmax-weighted logit sum w (same
+    scale as s) and the plain logit sum. Returns (m, s, w, zsum, the tile's sum exp(z - new m))."""
+    zm = tl.where(col_ok[None, :], z, float("-inf"))
+    m_new = tl.maximum(m, tl.max(zm, axis=1))
+    scale = tl.exp(m - m_new)
+    p = tl.exp(zm - m_new[:, None])
+    tile_mass = tl.sum(p, axis=1)
+    s = s * scale + tile_mass
+    if NEED_MU:
+        w = w * scale + tl.sum(tl.where(col_ok[None, :], p * z, 0.0), axis=1)
+    if NEED_SUM:
+        zsum += tl.sum(tl.where(col_ok[None, :], z, 0.0), axis=1)
+    return m_new, s, w, zsum, tile_mass
+
+
+@triton.jit
 def _store_split(L_out, Tgt_out, out, m, s, tgt, row_ok):
     """A split's partials: its log-sum-exp m + log s and target logit at offsets ``out``."""
     tl.store(L_out + out, m + tl.log(s), mask=row_ok)
@@ -133,26 +151,16 @@ def lse_forward_kernel(
                                     stride_en, stride_ed, stride_cv, stride_cd, softcap,
                                     HAS_BIAS, HAS_SOFTCAP, HAS_PERM, DOT_PRECISION, UPCAST_DOT,
                                     BLOCK_N, BLOCK_V, BLOCK_D)
-            z = tl.where(col_ok[None, :], acc, float("-inf"))
-            m_new = tl.maximum(m, tl.max(z, axis=1))
-            scale = tl.exp(m - m_new)
-            p = tl.exp(z - m_new[:, None])
-            tile_mass = tl.sum(p, axis=1)
-            s = s * scale + tile_mass
+            m, s, w, zsum, tile_mass = fold_tile(acc, col_ok, m, s, w, zsum, NEED_MU, NEED_SUM)
             if WRITE_MAP:
-                log_share = m_new + tl.log(tile_mass) - lse_floor  # >= log of the tile's softmax mass
+                log_share = m + tl.log(tile_mass) - lse_floor  # >= log of the tile's softmax mass
                 sub_max = tl.max(tl.reshape(log_share, (BLOCK_N // SUB, SUB)), axis=1)
                 subs = pid_n * (BLOCK_N // SUB) + tl.arange(0, BLOCK_N // SUB)
                 # Round up before fp16 so the stored bound never undershoots.
                 bound = sub_max + 1e-3 * tl.abs(sub_max) + 1e-3
                 tl.store(Map + subs * stride_map + v0 // BLOCK_V, bound.to(tl.float16),
                          mask=subs < tl.cdiv(N, SUB))
-            if NEED_MU:
-                w = w * scale + tl.sum(tl.where(col_ok[None, :], p * acc, 0.0), axis=1)
-            if NEED_SUM:
-                zsum += tl.sum(tl.where(col_ok[None, :], acc, 0.0), axis=1)
             tgt = _add_target_logit(tgt, acc, cols, targets, col_ok)
-            m = m_new
 
     # One log-sum-exp per (split, row) -- and the split's softmax-weighted mean logit -- keep the
     # partials small; a split that saw no column stores -inf.

@@ -19,7 +19,7 @@ Both read every element of the slab once: (4 + 2) N S bytes for the gradient pas
 import triton
 import triton.language as tl
 
-from lmforge.cce.kernels.forward import _tanh
+from lmforge.cce.kernels.forward import _tanh, fold_tile
 
 
 @triton.jit
@@ -60,18 +60,10 @@ def slab_stats_kernel(
         z = tl.load(Z + rows[:, None].to(tl.int64) * stride_zn + slot[None, :],
                     mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         z, _ = _capped(z, Bias, cols, col_ok, softcap, HAS_BIAS, HAS_SOFTCAP)
-        zm = tl.where(col_ok[None, :], z, float("-inf"))
-        m_new = tl.maximum(m_slab, tl.max(zm, axis=1))  # finite: every step holds at least one column
-        scale = tl.exp(m_slab - m_new)
-        p = tl.exp(zm - m_new[:, None])
-        s_slab = s_slab * scale + tl.sum(p, axis=1)
-        if NEED_MU:
-            w_slab = w_slab * scale + tl.sum(tl.where(col_ok[None, :], p * z, 0.0), axis=1)
-        if NEED_SUM:
-            zsum += tl.sum(tl.where(col_ok[None, :], z, 0.0), axis=1)
+        # m_slab stays finite: every step holds at least one column.
+        m_slab, s_slab, w_slab, zsum, _ = fold_tile(z, col_ok, m_slab, s_slab, w_slab, zsum, NEED_MU, NEED_SUM)
         hit = (cols[None, :] == targets[:, None]) & col_ok[None, :]
         tgt += tl.sum(tl.where(hit, z, 0.0), axis=1)
-        m_slab = m_new
     m = tl.load(M + rows, mask=row_ok, other=0.0)
     s = tl.load(S + rows, mask=row_ok, other=0.0)
     m_new = tl.maximum(m, m_slab)

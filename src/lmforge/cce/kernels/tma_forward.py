@@ -26,7 +26,7 @@ lies in exactly one split, which stores its logit: no partials and no atomics fo
 import triton
 import triton.language as tl
 
-from lmforge.cce.kernels.forward import _add_target_logit, _tanh
+from lmforge.cce.kernels.forward import _add_target_logit, _tanh, fold_tile
 
 
 @triton.jit
@@ -81,17 +81,8 @@ def lse_tma_kernel(
             acc += tl.load(Bias + pos, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         if HAS_SOFTCAP:
             acc = softcap * _tanh(acc / softcap)
-        z = tl.where(col_ok[None, :], acc, float("-inf"))
-        m_new = tl.maximum(m, tl.max(z, axis=1))
-        scale = tl.exp(m - m_new)
-        p = tl.exp(z - m_new[:, None])
-        s = s * scale + tl.sum(p, axis=1)
-        if NEED_MU:
-            w = w * scale + tl.sum(tl.where(col_ok[None, :], p * acc, 0.0), axis=1)
-        if NEED_SUM:
-            zsum += tl.sum(tl.where(col_ok[None, :], acc, 0.0), axis=1)
+        m, s, w, zsum, _ = fold_tile(acc, col_ok, m, s, w, zsum, NEED_MU, NEED_SUM)
         tgt = _add_target_logit(tgt, acc, pos, targets, col_ok)
-        m = m_new
 
     # s >= 1 after any column (the row's maximum contributes exp(0)); a split that saw none has m = -inf,
     # s = 0 and stores lse -inf and mean 0 (flooring s at 1 changes nothing else).
