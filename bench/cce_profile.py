@@ -66,34 +66,36 @@ def main():
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
 
 
-def event_timed(step, busy: bool, repeats: int = 10) -> float:
+def event_times(step, repeats: int, busy: bool = False) -> list[float]:
+    """CUDA-event times (ms) of ``repeats`` steps, each between two synchronisations as bench/cce_gpu.py
+    times them; ``busy``: the GPU spins before each start event, so the step is enqueued before it runs."""
     times = []
     for _ in range(repeats):
         if busy:
-            torch.cuda._sleep(100_000_000)  # ~50 ms of spinning: the call is enqueued before the GPU reaches it
+            torch.cuda._sleep(100_000_000)  # ~50 ms of spinning
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         step()
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return times
+
+
+def event_timed(step, busy: bool, repeats: int = 10) -> float:
+    return statistics.median(event_times(step, repeats, busy))
 
 
 def traced_steps(step, repeats: int = 5) -> list[dict]:
     """Event-timed steps under the profiler, each split by :func:`step_timeline`."""
     import tempfile
 
-    elapsed = []
+    def marked_step():
+        with record_function("traced_step"):
+            step()
+
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            with record_function("traced_step"):
-                start.record()
-                step()
-                end.record()
-            torch.cuda.synchronize()
-            elapsed.append(start.elapsed_time(end))
+        elapsed = event_times(marked_step, repeats)
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         prof.export_chrome_trace(f.name)
         events = json.load(open(f.name))["traceEvents"]
