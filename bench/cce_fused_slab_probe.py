@@ -33,6 +33,7 @@ import argparse
 import functools
 import json
 import os
+import statistics
 import sys
 from pathlib import Path
 
@@ -131,7 +132,7 @@ def binned_forward(e, c, targets, cfg, *, splits=None, slab_bytes=None):
         D=e.shape[1], BUCKETS=buckets, **launch)
     return torch.logsumexp(partial[0], 0), partial[1].sum(0), torch.logsumexp(bins, 0)[:n_slab]
 
-def _launch_lse(e, c_part, targets, cfg, splits, perm=None, v_per_split=None):
+def _launch_lse(e, c_part, targets, cfg, splits, perm=None, v_per_split=None, flatten=False):
     """(per-split lse over c_part's rows (splits x N), target logit (N)) for targets given as positions in c_part
     (-1: none), through the shipped kernel (lmforge.cce.kernels.tma_forward). With ``perm``: c_part is the whole
     classifier visited in the order perm (pointer gathers); with ``v_per_split`` the splits are that wide."""
@@ -153,11 +154,13 @@ def _launch_lse(e, c_part, targets, cfg, splits, perm=None, v_per_split=None):
         e_desc, c_desc, c_part, perm if perm is not None else targets, l_part, targets, l_part, l_part, l_part, tgt,
         n, cols, slab, v_per_split, c_part.stride(0), 1.0,
         D=d, SUB=sub, HAS_BIAS=False, HAS_SOFTCAP=False, GATHER=perm is not None, NEED_SUM=False, NEED_MU=False,
-        UPCAST=interpreting(), BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BLOCK_D"], **launch)
+        UPCAST=interpreting(), BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BLOCK_D"],
+        FLATTEN=flatten, **launch)
     return l_part, tgt
 
 
-def fused_forward(e, c, targets, cfg, *, sorted_order=False, splits=None, slab_bytes=None, gather=False):
+def fused_forward(e, c, targets, cfg, *, sorted_order=False, splits=None, slab_bytes=None, gather=False,
+                  flatten=False):
     """(lse, target logit, per-slab lse table or None) of softmax(e @ c.T).
 
     ``gather``: the sorted order in one launch, C read through the permutation by pointer loads, one split
@@ -171,12 +174,13 @@ def fused_forward(e, c, targets, cfg, *, sorted_order=False, splits=None, slab_b
         cols_per_slab = gemm_impl.slab_columns(n, vocab, slab_bytes)
         if cols_per_slab % cfg["BLOCK_V"]:
             raise ValueError(f"slab width {cols_per_slab} is no multiple of BLOCK_V {cfg['BLOCK_V']}")
-        table, tgt = _launch_lse(e, c, slab_targets, cfg, None, perm=perm, v_per_split=cols_per_slab)
+        table, tgt = _launch_lse(e, c, slab_targets, cfg, None, perm=perm, v_per_split=cols_per_slab,
+                                 flatten=flatten)
         return torch.logsumexp(table, 0), tgt, table
     if not sorted_order:  # ~16 waves of programs over the whole vocabulary
         valid = (targets >= 0) & (targets < vocab)
         l_part, tgt = _launch_lse(e, c, torch.where(valid, targets, -1), cfg,
-                                  splits or max(1, round(16 * sms / row_blocks)))
+                                  splits or max(1, round(16 * sms / row_blocks)), flatten=flatten)
         return torch.logsumexp(l_part, 0), tgt, None
     splits = splits or max(1, round(sms / row_blocks))  # about one wave per slab
     perm = vocab_order(e, c, None)
@@ -200,6 +204,16 @@ CONFIGS = [dict(BLOCK_N=128, BLOCK_V=256, BLOCK_D=64, num_warps=8, num_stages=3)
            dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=4),
            dict(BLOCK_N=64, BLOCK_V=256, BLOCK_D=64, num_warps=4, num_stages=4),
            dict(BLOCK_N=128, BLOCK_V=256, BLOCK_D=128, num_warps=8, num_stages=2)]
+# Modes: the exact order with the default ~16 waves of splits, or `sN` splits (the shipped forward picks 9 at
+# Gemma's shape on an H200: 576 programs, 4.4 waves); `_flat`: the kernel's loop over vocabulary tiles flattened
+# with its loop over D (tl.range(flatten=True): one software pipeline across tile boundaries; sm_90 AOT: the
+# 128 x 256 tile's 45 register spills of the nested loops disappear).
+MODES = dict(fused_exact={}, fused_exact_flat=dict(flatten=True),
+             **{f"fused_exact_s{k}{f}": dict(splits=k, flatten=f == "_flat")
+                for k in (8, 9, 16) for f in ("", "_flat")},
+             fused_sorted=dict(sorted_order=True), fused_gather=dict(sorted_order=True, gather=True),
+             fused_gather_flat=dict(sorted_order=True, gather=True, flatten=True),
+             fused_binned=dict(binned=True), fused_binned_s4=dict(binned=True, splits=4))
 # warp_specialize=True is not in the list: Triton 3.6 leaves this loop unpartitioned on sm_90 (its TTGIR has no
 # warp-specialize partitions; same SASS) and fails to compile it for sm_100 (python -m lmforge.cce.sass style
 # AOT check, 2026-11-30).
@@ -240,14 +254,30 @@ def selftest():
 
 
 def _time(fn, repeats):
-    return triton.testing.do_bench(fn, warmup=3, rep=repeats * 25)
+    """Median CUDA-event ms of ``fn`` over ``repeats`` runs, each queued behind ~20 ms of GPU spinning: the GPU's
+    time alone, without the host's Python and launch work (which do_bench, used before 2026-11-30's 8th
+    session, counted whenever it outlasted its cache-clearing kernel)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        torch.cuda._sleep(40_000_000)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--selftest", action="store_true")
     ap.add_argument("--shape", type=int, nargs=3, default=[8192, 2304, 256000])
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--modes", nargs="+", choices=sorted(MODES), default=list(MODES))
+    ap.add_argument("--configs", type=int, nargs="+", default=list(range(len(CONFIGS))),
+                    help="indices into CONFIGS")
     ap.add_argument("--out")
     args = ap.parse_args()
     if args.selftest:
@@ -273,11 +303,9 @@ def main():
             print(json.dumps(rows[-1]), flush=True)
     gemm_impl.forward_stats(e, c, None, t, perm=perm, slab_lse=shipped_table)  # cuBLAS's table: the reference
     os.environ["LMFORGE_CCE_TMA"] = "auto"
-    modes = dict(fused_exact={}, fused_exact_s8=dict(splits=8), fused_exact_s16=dict(splits=16),
-                 fused_sorted=dict(sorted_order=True), fused_gather=dict(sorted_order=True, gather=True),
-                 fused_binned=dict(binned=True), fused_binned_s4=dict(binned=True, splits=4))
-    for cfg in CONFIGS:
-        for mode, kw in modes.items():
+    for cfg in [CONFIGS[i] for i in args.configs]:
+        for mode in args.modes:
+            kw = MODES[mode]
             row = dict(variant=mode, **cfg)
             try:
                 if kw.get("binned"):

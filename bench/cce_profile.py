@@ -1,7 +1,7 @@
 """Where the time goes in one forward+backward (or forward) of lmforge's CCE (GPU): CUDA time per kernel name.
 
     python bench/cce_profile.py --shape gemma2-2b --regime calibrated [--filter-eps auto] [--forward]
-        [--event-timing] [--trace]
+        [--event-timing] [--trace] [--host]
 """
 
 import argparse
@@ -34,6 +34,9 @@ def main():
     ap.add_argument("--trace", action="store_true",
                     help="also trace 5 plainly event-timed steps and split each into GPU idle before its longest "
                          "kernel, that kernel's duration and the rest (where an event-timed step's time goes)")
+    ap.add_argument("--host", action="store_true",
+                    help="also profile the host (cProfile) over 20 steps enqueued behind a busy GPU: the Python work "
+                         "a call does before its kernels can run, by function")
     args = ap.parse_args()
     eps = args.filter_eps if args.filter_eps in (None, "auto", "fast") else float(args.filter_eps)
     n, d, v = parse_shape(args.shape)
@@ -55,6 +58,8 @@ def main():
     if args.event_timing:
         for busy in (False, True):
             print(f"event-timed, GPU busy before start={busy}: {event_timed(step, busy):.2f} ms (median of 10)")
+    if args.host:
+        host_profile(step)
     if args.trace:
         for row in traced_steps(step):
             print("traced step:", json.dumps(row))
@@ -64,6 +69,35 @@ def main():
     print(f"{args.shape} / {args.regime} / filter_eps {args.filter_eps}" + (" / forward" if args.forward else ""),
           flush=True)
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
+
+
+def host_profile(step, repeats: int = 20, rows: int = 25):
+    """Host milliseconds per step, and cProfile's functions by own time, over ``repeats`` steps queued behind
+    ~0.5 s of GPU spinning (no step waits for the GPU, so this is the Python and launch work alone; a step that
+    synchronises shows up as a long wait)."""
+    import cProfile
+    import pstats
+    import time
+
+    torch.cuda._sleep(1_000_000_000)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        step()
+    plain_ms = (time.perf_counter() - t0) * 1e3 / repeats
+    torch.cuda.synchronize()
+    print(f"host time per step behind a busy GPU: {plain_ms:.3f} ms ({repeats} steps)")
+    torch.cuda._sleep(1_000_000_000)
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.enable()
+    for _ in range(repeats):
+        step()
+    prof.disable()
+    host_ms = (time.perf_counter() - t0) * 1e3 / repeats
+    torch.cuda.synchronize()
+    print(f"the same under cProfile: {host_ms:.3f} ms")
+    pstats.Stats(prof).sort_stats("tottime").print_stats(rows)
+    pstats.Stats(prof).sort_stats("cumtime").print_stats(rows)
 
 
 def event_times(step, repeats: int, busy: bool = False) -> list[float]:

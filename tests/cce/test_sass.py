@@ -34,8 +34,9 @@ def test_fused_kernels_compile_to_pipelined_tensor_core_code():
             assert row["HMMA"] > 0 and row["HGMMA"] == 0, row
         if row["kernel"] == "tma":  # E by TMA; C by TMA in the vocabulary's order, else gathered by cp.async
             assert row["UTMALDG"] > 0 and (row["LDGSTS"] > 0) == row["sorted"], row
-            # TMA's pipeline adds its mbarriers (8 bytes per stage) to the operand buffers.
-            assert 0 <= row["shared"] - row["estimate"] <= 1024, row
+            # TMA's pipeline adds its mbarriers (8 bytes per stage) to the operand buffers and, with the loops
+            # flattened, the sorted order its next tile's gathered row numbers (BLOCK_V int32: 1 KiB).
+            assert 0 <= row["shared"] - row["estimate"] <= 2048, row
         else:
             assert row["LDGSTS"] > 0, row
             assert row["shared"] == row["estimate"], row

@@ -85,6 +85,33 @@ def test_tma_forward_applies_only_where_a_descriptor_can_read_the_rows(monkeypat
         gemm_impl.tma_forward_applies(e, c)
 
 
+@pytest.mark.parametrize("n_blocks,n_slab,slab_tiles,sms", [
+    (64, 1, 1000, 132),  # Gemma 2 2B on an H200, exact order: v3.6 chose 9 splits, 4.4 waves
+    (64, 1, 192, 132),  # SmolLM2
+    (64, 63, 16, 132),  # Gemma's sorted order: 63 slabs fill the GPU unsplit
+    (1, 1, 1000, 132), (8, 1, 1000, 132), (256, 1, 1000, 132), (32, 1, 1002, 114), (3, 7, 1, 4), (3, 1, 7, 4),
+])
+def test_tma_splits_cover_each_slab_in_whole_tiles_and_fill_the_waves(n_blocks, n_slab, slab_tiles, sms):
+    sub, cols = gemm_impl.tma_splits(n_blocks, n_slab, slab_tiles, sms, 256)
+    per = cols // 256
+    assert cols % 256 == 0 and sub * per >= slab_tiles > (sub - 1) * per  # every split non-empty
+    programs = n_blocks * n_slab * sub
+    waves = -(-programs // sms)
+    efficiency = n_blocks * n_slab * slab_tiles / (waves * sms * per)
+    # Brute force over every split count: none that keeps >= 4 waves (where the work allows) is better by
+    # more than the 5% the choice may give up for fewer splits.
+    floor = min(4 * sms, n_blocks * n_slab * slab_tiles)
+    assert programs >= floor
+    for k in range(1, slab_tiles + 1):
+        p = -(-slab_tiles // k)
+        s = -(-slab_tiles // p)
+        if n_blocks * n_slab * s >= floor:
+            other = n_blocks * n_slab * slab_tiles / (-(-n_blocks * n_slab * s // sms) * sms * p)
+            assert efficiency >= min(0.95, other) - 1e-9
+    if (n_blocks, n_slab, slab_tiles, sms) == (64, 1, 1000, 132):
+        assert efficiency >= 0.95 and sub != 9
+
+
 @pytest.mark.parametrize("impl", ["gemm", "triton"])
 def test_forward_without_autograd_does_not_sort_for_filtering(monkeypatch, impl):
     # Filtering serves the backward: under no_grad (inference, log-probabilities) the forward must not pay

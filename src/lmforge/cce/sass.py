@@ -117,7 +117,7 @@ def _tma_forward(n: int, d: int, v: int, arch: int, shared_limit: int, gather: b
                 v_per_sub=("i32", slab if gather else cfg["BLOCK_V"] * 31), stride_cv=("i32", d),
                 softcap=("fp32", 1.0))
     consts = dict(D=d, SUB=1 if gather else 9, HAS_BIAS=False, HAS_SOFTCAP=False, GATHER=gather, NEED_SUM=False,
-                  NEED_MU=False, UPCAST=False, **{k: cfg[k] for k in ("BLOCK_N", "BLOCK_V", "BLOCK_D")})
+                  NEED_MU=False, UPCAST=False, FLATTEN=True, **{k: cfg[k] for k in ("BLOCK_N", "BLOCK_V", "BLOCK_D")})
     return lse_tma_kernel, args, consts, cfg["num_warps"], cfg["num_stages"], cfg
 
 

@@ -46,7 +46,7 @@ def lse_tma_kernel(
     D: tl.constexpr, SUB: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, GATHER: tl.constexpr,
     NEED_SUM: tl.constexpr, NEED_MU: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, FLATTEN: tl.constexpr,
 ):
     pid_s = tl.program_id(1)
     row0, rows, row_ok, targets = row_block(Targets, N, BLOCK_N)
@@ -60,7 +60,7 @@ def lse_tma_kernel(
     zsum = tl.zeros((BLOCK_N,), tl.float32)
     tgt = tl.zeros((BLOCK_N,), tl.float32)
     offs_d = tl.arange(0, BLOCK_D)
-    for v0 in tl.range(v_begin, v_end, BLOCK_V):
+    for v0 in tl.range(v_begin, v_end, BLOCK_V, flatten=FLATTEN):
         pos = v0 + tl.arange(0, BLOCK_V)
         col_ok = pos < v_end
         if GATHER:
