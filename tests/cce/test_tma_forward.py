@@ -41,7 +41,7 @@ def test_tma_forward_matches_float64_and_the_slab_forward(monkeypatch, dtype, co
     results = {}
     for tma in ("1", "0"):
         monkeypatch.setenv("LMFORGE_CCE_TMA", tma)
-        assert gemm_impl.tma_forward_applies(e, c) == (tma == "1")
+        assert gemm_impl.tma_applies(e, c) == (tma == "1")
         table = torch.full((gemm_impl.n_slabs(N, V), N), float("nan"), device=DEVICE)
         stats = gemm_impl.forward_stats(e, c, b, t, softcap=3.0, need_sum=True, need_mu=True, perm=perm,
                                         slab_lse=table)
@@ -70,19 +70,51 @@ def test_gemm_loss_with_the_tma_forward_matches_float64(monkeypatch, filter_eps)
         assert rel_err(got, want) < 1.2e-2
 
 
-def test_tma_forward_applies_only_where_a_descriptor_can_read_the_rows(monkeypatch):
+@pytest.mark.parametrize("cols", [32, V])  # several slabs (the last ragged), one slab
+@pytest.mark.parametrize("sorted_order", [False, True])
+def test_tma_logit_gradient_matches_float64_and_the_slab_backward(monkeypatch, cols, sorted_order):
+    # kernels/tma_grad.py: dz from E and C on chip instead of cuBLAS's fp32 slab and the in-place pass,
+    # with every upstream gradient (lse, target logit, logit sum, softmax-mean logit), bias and softcap.
+    e, c, t, b = make_inputs(torch.bfloat16, ignore_frac=0.2, with_bias=True, scale=2.0)
+    e, c, b = e.detach(), c.detach(), b.detach()
+    monkeypatch.setenv("LMFORGE_CCE_SLAB_MB", str(cols * N * 4 / 2**20))
+    g = torch.Generator().manual_seed(5)
+    grads = [(torch.randn(N, generator=g, dtype=torch.float64) / N) for _ in range(4)]
+    perm = torch.randperm(V, generator=torch.Generator().manual_seed(3)).to(DEVICE, torch.int32) \
+        if sorted_order else None
+    e64, c64, b64 = (x.detach().cpu().double().requires_grad_() for x in (e, c, b))
+    lse, tgt, zsum, mu, _ = float64_stats(e64, c64, b64, t.cpu(), 3.0, None, V)
+    sum(gr * stat for gr, stat in zip(grads, (lse, tgt, zsum, mu))).sum().backward()
+    results = {}
+    for tma in ("1", "0"):
+        monkeypatch.setenv("LMFORGE_CCE_TMA", tma)
+        assert gemm_impl.tma_applies(e, c, backward=True) == (tma == "1")
+        results[tma] = gemm_impl.backward(e, c, b, t, lse.float().to(DEVICE), mu.detach().float().to(DEVICE),
+                                          *(gr.float().to(DEVICE) for gr in grads), softcap=3.0, need_db=True,
+                                          perm=perm)
+    for got, slab, want in zip(results["1"], results["0"], (e64.grad, c64.grad, b64.grad)):
+        assert rel_err(got, want) < 1e-2
+        assert rel_err(got, slab) < 1e-2  # dz rounds to bf16 in both; their fp32 products may differ
+
+
+def test_tma_applies_only_where_a_descriptor_can_read_the_rows(monkeypatch):
     e, c, _, _ = make_inputs(torch.bfloat16)
     monkeypatch.setenv("LMFORGE_CCE_TMA", "1")
-    assert gemm_impl.tma_forward_applies(e, c)
-    assert not gemm_impl.tma_forward_applies(e.float(), c.float())  # fp32 keeps cuBLAS's fp32 products
+    assert gemm_impl.tma_applies(e, c)
+    assert not gemm_impl.tma_applies(e.float(), c.float())  # fp32 keeps cuBLAS's fp32 products
     odd = torch.zeros(N, D + 1, dtype=torch.bfloat16, device=DEVICE)[:, :D]  # 82-byte rows: no descriptor
-    assert not gemm_impl.tma_forward_applies(odd, c)
-    assert not gemm_impl.tma_forward_applies(e.t(), c)
+    assert not gemm_impl.tma_applies(odd, c)
+    assert not gemm_impl.tma_applies(e.t(), c)
     monkeypatch.setenv("LMFORGE_CCE_TMA", "0")
-    assert not gemm_impl.tma_forward_applies(e, c)
+    assert not gemm_impl.tma_applies(e, c)
+    monkeypatch.setenv("LMFORGE_CCE_TMA", "auto")
+    auto = gemm_impl.tma_applies(e, c)  # Hopper GPUs only
+    assert gemm_impl.tma_applies(e, c, backward=True) == auto
+    monkeypatch.setenv("LMFORGE_CCE_TMA", "forward")  # the forward as by default, the backward on cuBLAS slabs
+    assert gemm_impl.tma_applies(e, c) == auto and not gemm_impl.tma_applies(e, c, backward=True)
     monkeypatch.setenv("LMFORGE_CCE_TMA", "yes")
     with pytest.raises(ValueError, match="LMFORGE_CCE_TMA"):
-        gemm_impl.tma_forward_applies(e, c)
+        gemm_impl.tma_applies(e, c)
 
 
 @pytest.mark.parametrize("n_blocks,n_slab,slab_tiles,sms", [

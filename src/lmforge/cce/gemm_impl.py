@@ -10,7 +10,7 @@ products accumulated and stored in fp32), and a memory-bound Triton pass reads t
 
 On Hopper (sm_90+) with 16-bit inputs the forward needs no slab: one Triton kernel fed by tensor
 descriptors (TMA) computes the products and folds them into the statistics on chip, at ~620 TFLOP/s on
-the H200 against ~535 for cuBLAS slabs plus their pass (:func:`tma_forward_applies`,
+the H200 against ~535 for cuBLAS slabs plus their pass (:func:`tma_applies`,
 :mod:`lmforge.cce.kernels.tma_forward`); it writes the same per-slab table.
 
 Why a second GPU path: the fused Triton kernels never hold a slab (forward extra memory is a few
@@ -47,6 +47,7 @@ if HAS_TRITON:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
         from lmforge.cce.kernels.tma_forward import lse_tma_kernel
+        from lmforge.cce.kernels.tma_grad import logit_grad_tma_kernel
     except ImportError:  # pragma: no cover - older Triton: the forward keeps cuBLAS slabs
         TensorDescriptor = None
 
@@ -165,15 +166,19 @@ def _descriptor_ready(t: torch.Tensor) -> bool:
             and t.data_ptr() % 16 == 0)
 
 
-def tma_forward_applies(e: torch.Tensor, c: torch.Tensor) -> bool:
-    """Whether :func:`forward_stats` runs the descriptor-fed fused kernel (``LMFORGE_CCE_TMA``: 1 forces it
-    where it can run at all, e.g. under the interpreter; 0 keeps cuBLAS slabs): by default on sm_90+ GPUs for
-    16-bit inputs whose rows suit a tensor descriptor. Before Hopper there is no TMA and cuBLAS slabs stay
-    (not measured there); float32 inputs keep cuBLAS's full-precision products."""
+def tma_applies(e: torch.Tensor, c: torch.Tensor, *, backward: bool = False) -> bool:
+    """Whether the descriptor-fed kernels replace cuBLAS slabs: :func:`forward_stats`'s fused forward and,
+    with ``backward``, the backward's logit-gradient kernel (:mod:`lmforge.cce.kernels.tma_grad`). By default
+    on sm_90+ GPUs for 16-bit inputs whose rows suit a tensor descriptor. ``LMFORGE_CCE_TMA``: ``1`` forces
+    both where they can run at all (e.g. under the interpreter), ``forward`` keeps the backward on cuBLAS
+    slabs, ``0`` keeps both. Before Hopper there is no TMA and cuBLAS slabs stay (not measured there);
+    float32 inputs keep cuBLAS's full-precision products."""
     choice = os.environ.get("LMFORGE_CCE_TMA", "auto")
-    if choice not in ("auto", "0", "1"):
-        raise ValueError(f"LMFORGE_CCE_TMA must be auto, 0 or 1, got {choice!r}")
-    if choice == "0" or TensorDescriptor is None or e.dtype not in (torch.float16, torch.bfloat16):
+    if choice not in ("auto", "0", "1", "forward"):
+        raise ValueError(f"LMFORGE_CCE_TMA must be auto, 0, 1 or forward, got {choice!r}")
+    if choice == "0" or (backward and choice == "forward"):
+        return False
+    if TensorDescriptor is None or e.dtype not in (torch.float16, torch.bfloat16):
         return False
     if not (_descriptor_ready(e) and _descriptor_ready(c) and c.dtype == e.dtype):
         return False
@@ -257,7 +262,7 @@ def forward_stats(e, c, bias, targets, *, softcap=None, need_sum=False, need_mu=
     ``perm``: visit the vocabulary in this order (int32, from :func:`lmforge.cce.triton_impl.vocab_order`),
     so that slabs hold tokens of similar mean logit. ``slab_lse``: a float32 (:func:`n_slabs`, N) tensor that
     receives every row's log-sum-exp over each slab (in visiting order), which the filtered backward needs.
-    Where :func:`tma_forward_applies` (Hopper, 16-bit inputs) one fused kernel computes it all without a
+    Where :func:`tma_applies` (Hopper, 16-bit inputs) one fused kernel computes it all without a
     logit slab; else cuBLAS writes fp32 slabs that a Triton pass reduces.
     """
     n, vocab = e.shape[0], c.shape[0]
@@ -265,7 +270,7 @@ def forward_stats(e, c, bias, targets, *, softcap=None, need_sum=False, need_mu=
     if slab_lse is not None and tuple(slab_lse.shape) != (n_slabs(n, vocab, slab_bytes), n):
         raise ValueError(f"slab_lse must have shape {(n_slabs(n, vocab, slab_bytes), n)}, got {tuple(slab_lse.shape)}")
     slab_targets, slab_bias = _permuted(targets, bias, perm, vocab)
-    if tma_forward_applies(e, c):
+    if tma_applies(e, c):
         return _forward_stats_tma(e, c, slab_bias, slab_targets, softcap=softcap, need_sum=need_sum,
                                   need_mu=need_mu, cols_per_slab=cols_per_slab, perm=perm, slab_lse=slab_lse)
     cfg = _blocks(e.device, "stats")
@@ -321,6 +326,26 @@ def row_depths(slab_lse, lse, g_lse, g_tgt, slab_targets, cols_per_slab: int, fi
     return depth
 
 
+def _logit_grad_tma(e_rows, c_slab, dz, slab_bias, slab_targets, vectors, start: int, softcap, grads: dict):
+    """dz (k x cols, the inputs' dtype) of rows e_rows against classifier rows c_slab, which sit at vocabulary
+    positions [start, start + cols), by :func:`logit_grad_tma_kernel` (no fp32 logit slab)."""
+    k, d = e_rows.shape
+    cols = c_slab.shape[0]
+    cfg = configs.config_for("tma", e_rows.dtype, e_rows.device, d)
+    n_blocks = triton.cdiv(k, cfg["BLOCK_N"])
+    sms = _num_sms(e_rows.device.index or 0) if e_rows.is_cuda else 4
+    sub, v_per_split = tma_splits(n_blocks, 1, triton.cdiv(cols, cfg["BLOCK_V"]), sms, cfg["BLOCK_V"])
+    launch = {} if interpreting() else dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    logit_grad_tma_kernel[(n_blocks, sub)](
+        TensorDescriptor.from_tensor(e_rows, [cfg["BLOCK_N"], cfg["BLOCK_D"]]),
+        TensorDescriptor.from_tensor(c_slab, [cfg["BLOCK_V"], cfg["BLOCK_D"]]),
+        dz, slab_bias if slab_bias is not None else dz, slab_targets, *vectors,
+        k, cols, start, v_per_split, dz.stride(0), float(softcap) if softcap is not None else 1.0,
+        D=d, HAS_BIAS=slab_bias is not None, HAS_SOFTCAP=softcap is not None, UPCAST=interpreting(),
+        BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BLOCK_D"], FLATTEN=True, **grads, **launch,
+    )
+
+
 def backward(e, c, bias, targets, lse, mean_logit, g_lse, g_tgt, g_sum, g_mu, *, softcap=None,
              need_de=True, need_dc=True, need_db=False, slab_bytes=None, perm=None, slab_lse=None,
              filter_eps=None, de_dtype=None):
@@ -355,7 +380,9 @@ def backward(e, c, bias, targets, lse, mean_logit, g_lse, g_tgt, g_sum, g_mu, *,
             vectors = tuple(v.index_select(0, order) for v in vectors)
             slab_targets = slab_targets.index_select(0, order)
         del depth
-    buffer = torch.empty(n * cols_per_slab, dtype=torch.float32, device=e.device)
+    # The logit slab (fp32) that cuBLAS writes and dz overwrites, or with the TMA kernel dz alone.
+    tma = tma_applies(e, c, backward=True)
+    buffer = torch.empty(n * cols_per_slab, dtype=e.dtype if tma else torch.float32, device=e.device)
     de32 = torch.zeros((n, d), dtype=torch.float32, device=e.device) if need_de else None
     dc = torch.empty_like(c, memory_format=torch.contiguous_format) if need_dc else None
     db32 = torch.zeros(vocab, dtype=torch.float32, device=c.device) if need_db else None
@@ -378,17 +405,21 @@ def backward(e, c, bias, targets, lse, mean_logit, g_lse, g_tgt, g_sum, g_mu, *,
         else:
             c_slab = _classifier_slab(c, perm, start, cols, c_buffer)
             e_rows = e[:k]
-            z = _slab_view(buffer, k, cols)
-            _logits_into(z, e_rows, c_slab)
-            dz = narrow[: k * cols * per_z].view(k, cols * per_z)[:, :cols]
-            slab_grad_kernel[(triton.cdiv(k, cfg["BLOCK_N"]),)](
-                z, dz, slab_bias if slab_bias is not None else z, slab_targets, *vectors,
-                k, cols, start, z.stride(0), dz.stride(0), float(softcap) if softcap is not None else 1.0,
-                HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
-                HAS_G_LSE=g_lse is not None, HAS_G_TGT=g_tgt is not None,
-                HAS_G_SUM=g_sum is not None, HAS_G_MU=g_mu is not None,
-                BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], **_launch(cfg),
-            )
+            grads = dict(HAS_G_LSE=g_lse is not None, HAS_G_TGT=g_tgt is not None,
+                         HAS_G_SUM=g_sum is not None, HAS_G_MU=g_mu is not None)
+            if tma:
+                dz = buffer[: k * cols].view(k, cols)
+                _logit_grad_tma(e_rows, c_slab, dz, slab_bias, slab_targets, vectors, start, softcap, grads)
+            else:
+                z = _slab_view(buffer, k, cols)
+                _logits_into(z, e_rows, c_slab)
+                dz = narrow[: k * cols * per_z].view(k, cols * per_z)[:, :cols]
+                slab_grad_kernel[(triton.cdiv(k, cfg["BLOCK_N"]),)](
+                    z, dz, slab_bias if slab_bias is not None else z, slab_targets, *vectors,
+                    k, cols, start, z.stride(0), dz.stride(0), float(softcap) if softcap is not None else 1.0,
+                    HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
+                    BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], **grads, **_launch(cfg),
+                )
             if need_de:
                 _accumulate_matmul(de32[:k], dz, c_slab)
             if dc_slab is not None:  # after dE: in the sorted order it overwrites the gathered c_slab

@@ -82,6 +82,44 @@ def slab_stats_kernel(
 
 
 @triton.jit
+def row_grad_inputs(rows, row_ok, Lse, Mu, G_lse, G_tgt, G_sum, G_mu,
+                    HAS_G_LSE: tl.constexpr, HAS_G_TGT: tl.constexpr, HAS_G_SUM: tl.constexpr,
+                    HAS_G_MU: tl.constexpr):
+    """The per-row vectors the logit gradient reads: (lse, mu, g_lse, g_tgt, g_sum, g_mu); an absent
+    gradient (and mu without g_mu) is a stand-in that :func:`logit_grad` never reads."""
+    lse = tl.load(Lse + rows, mask=row_ok, other=0.0)
+    g_lse = tl.load(G_lse + rows, mask=row_ok, other=0.0) if HAS_G_LSE else lse
+    g_tgt = tl.load(G_tgt + rows, mask=row_ok, other=0.0) if HAS_G_TGT else lse
+    g_sum = tl.load(G_sum + rows, mask=row_ok, other=0.0) if HAS_G_SUM else lse
+    g_mu = tl.load(G_mu + rows, mask=row_ok, other=0.0) if HAS_G_MU else lse
+    mu = tl.load(Mu + rows, mask=row_ok, other=0.0) if HAS_G_MU else lse
+    return lse, mu, g_lse, g_tgt, g_sum, g_mu
+
+
+@triton.jit
+def logit_grad(z, Bias, cols, col_ok, targets, lse, mu, g_lse, g_tgt, g_sum, g_mu, softcap,
+               HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_G_LSE: tl.constexpr,
+               HAS_G_TGT: tl.constexpr, HAS_G_SUM: tl.constexpr, HAS_G_MU: tl.constexpr):
+    """dLoss/dz (fp32) of a tile of raw logits z = e . c (rows x columns at vocabulary positions ``cols``):
+    bias and softcap applied here, then g_lse p + g_mu p (1 + z - mu) + g_sum + g_tgt [col == target],
+    times softcap's derivative."""
+    z, th = _capped(z, Bias, cols, col_ok, softcap, HAS_BIAS, HAS_SOFTCAP)
+    p = tl.exp(z - lse[:, None])
+    dz = tl.zeros(z.shape, tl.float32)
+    if HAS_G_LSE:
+        dz += g_lse[:, None] * p
+    if HAS_G_MU:
+        dz += g_mu[:, None] * p * (1.0 + z - mu[:, None])
+    if HAS_G_SUM:
+        dz += g_sum[:, None]
+    if HAS_G_TGT:
+        dz += tl.where(cols[None, :] == targets[:, None], g_tgt[:, None], 0.0)
+    if HAS_SOFTCAP:
+        dz *= 1.0 - th * th
+    return dz
+
+
+@triton.jit
 def slab_grad_kernel(
     Z, DZ, Bias, Targets, Lse, Mu, G_lse, G_tgt, G_sum, G_mu,
     N, slab_cols, slab_start, stride_zn, stride_dzn, softcap,
@@ -92,32 +130,16 @@ def slab_grad_kernel(
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     rows64 = rows[:, None].to(tl.int64)
-    lse = tl.load(Lse + rows, mask=row_ok, other=0.0)
     targets = tl.load(Targets + rows, mask=row_ok, other=-1).to(tl.int64)
-    g_lse = tl.load(G_lse + rows, mask=row_ok, other=0.0) if HAS_G_LSE else lse
-    g_tgt = tl.load(G_tgt + rows, mask=row_ok, other=0.0) if HAS_G_TGT else lse
-    g_sum = tl.load(G_sum + rows, mask=row_ok, other=0.0) if HAS_G_SUM else lse
-    g_mu = tl.load(G_mu + rows, mask=row_ok, other=0.0) if HAS_G_MU else lse
-    mu = tl.load(Mu + rows, mask=row_ok, other=0.0) if HAS_G_MU else lse
+    lse, mu, g_lse, g_tgt, g_sum, g_mu = row_grad_inputs(rows, row_ok, Lse, Mu, G_lse, G_tgt, G_sum, G_mu,
+                                                         HAS_G_LSE, HAS_G_TGT, HAS_G_SUM, HAS_G_MU)
     for v0 in range(0, slab_cols, BLOCK_V):
         slot = v0 + tl.arange(0, BLOCK_V)
         col_ok = slot < slab_cols
-        cols = slab_start + slot
         mask = row_ok[:, None] & col_ok[None, :]
         z = tl.load(Z + rows64 * stride_zn + slot[None, :], mask=mask, other=0.0)
-        z, th = _capped(z, Bias, cols, col_ok, softcap, HAS_BIAS, HAS_SOFTCAP)
-        p = tl.exp(z - lse[:, None])
-        dz = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
-        if HAS_G_LSE:
-            dz += g_lse[:, None] * p
-        if HAS_G_MU:
-            dz += g_mu[:, None] * p * (1.0 + z - mu[:, None])
-        if HAS_G_SUM:
-            dz += g_sum[:, None]
-        if HAS_G_TGT:
-            dz += tl.where(cols[None, :] == targets[:, None], g_tgt[:, None], 0.0)
-        if HAS_SOFTCAP:
-            dz *= 1.0 - th * th
+        dz = logit_grad(z, Bias, slab_start + slot, col_ok, targets, lse, mu, g_lse, g_tgt, g_sum, g_mu, softcap,
+                        HAS_BIAS, HAS_SOFTCAP, HAS_G_LSE, HAS_G_TGT, HAS_G_SUM, HAS_G_MU)
         # In place over Z when DZ aliases it. The stores land in columns [v0 / 2, (v0 + BLOCK_V) / 2) of
         # Z, which this step and earlier ones read; the barrier makes every warp finish this step's loads
         # first (warps are not in lockstep, and with no reduction in the loop nothing else syncs them).

@@ -1,0 +1,54 @@
+"""GEMM-path backward on Hopper: one vocabulary slab's logit gradient dz straight from E and C, by TMA.
+
+The GEMM path's backward visits the vocabulary one slab of S columns at a time. Before Hopper (and with
+``LMFORGE_CCE_TMA=0`` or ``forward``) cuBLAS writes the slab's fp32 logits (N x S x 4 bytes; 128 MiB at
+8192 tokens) and a memory-bound pass turns them into dz in place. Here one kernel does both: a program owns
+BLOCK_N rows and a run of whole BLOCK_V-column tiles of the slab; for each tile it accumulates
+E[rows] C[slab cols]^T over D (fp32, on chip; E and C tiles loaded through tensor descriptors), applies
+bias and softcap, and stores the tile's dz (:func:`lmforge.cce.kernels.slab.logit_grad`) in the inputs'
+dtype. The loop over tiles is flattened with the loop over D into one software pipeline, as in the forward
+(:mod:`lmforge.cce.kernels.tma_forward`).
+
+Reads: E's rows once per tile and C's slab rows once per row block (2 (BLOCK_N + BLOCK_V) D bytes per
+tile, mostly from L2), six fp32 vectors per row. Writes: dz, 2 N S bytes (half the fp32 slab it replaces,
+which was also read back). FLOPs: 2 N S D per slab, the same products cuBLAS computed; the two products
+that follow (dE += dz C, dC = dz^T E) stay with cuBLAS.
+"""
+
+import triton
+import triton.language as tl
+
+from lmforge.cce.kernels.slab import logit_grad, row_grad_inputs
+from lmforge.cce.kernels.tma_forward import row_block
+
+
+@triton.jit
+def logit_grad_tma_kernel(
+    e_desc, c_desc, DZ, Bias, Targets, Lse, Mu, G_lse, G_tgt, G_sum, G_mu,
+    N, slab_cols, slab_start, v_per_split, stride_dzn, softcap,
+    D: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_G_LSE: tl.constexpr, HAS_G_TGT: tl.constexpr, HAS_G_SUM: tl.constexpr, HAS_G_MU: tl.constexpr,
+    UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    FLATTEN: tl.constexpr,
+):
+    row0, rows, row_ok, targets = row_block(Targets, N, BLOCK_N)
+    lse, mu, g_lse, g_tgt, g_sum, g_mu = row_grad_inputs(rows, row_ok, Lse, Mu, G_lse, G_tgt, G_sum, G_mu,
+                                                         HAS_G_LSE, HAS_G_TGT, HAS_G_SUM, HAS_G_MU)
+    v_begin = tl.program_id(1) * v_per_split
+    v_end = tl.minimum(v_begin + v_per_split, slab_cols)
+    rows64 = rows[:, None].to(tl.int64)
+    for v0 in tl.range(v_begin, v_end, BLOCK_V, flatten=FLATTEN):
+        slot = v0 + tl.arange(0, BLOCK_V)
+        col_ok = slot < v_end
+        acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
+        for d0 in tl.range(0, D, BLOCK_D):
+            a = e_desc.load([row0, d0])
+            b = c_desc.load([v0, d0])  # rows past the slab come back as zeros and are masked below
+            if UPCAST:  # the interpreter multiplies 16-bit tiles as raw bits; fp32 gives the GPU's products
+                acc = tl.dot(a.to(tl.float32), b.to(tl.float32).T, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, b.T, acc)
+        dz = logit_grad(acc, Bias, slab_start + slot, col_ok, targets, lse, mu, g_lse, g_tgt, g_sum, g_mu,
+                        softcap, HAS_BIAS, HAS_SOFTCAP, HAS_G_LSE, HAS_G_TGT, HAS_G_SUM, HAS_G_MU)
+        tl.store(DZ + rows64 * stride_dzn + slot[None, :], dz.to(DZ.dtype.element_ty),
+                 mask=row_ok[:, None] & col_ok[None, :])
