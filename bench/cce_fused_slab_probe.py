@@ -24,9 +24,15 @@ forward, gathered sorted order 18.9; both now ship as lmforge.cce.kernels.tma_fo
 then time that kernel on Hopper, "shipped_*_cublas" the cuBLAS-slab forward).
 
 Since that outcome the exact, sorted and gather modes launch the shipped kernel (the probe's own copy of it,
-which produced the numbers above, is in git history at d36aa27). ``binned`` (next to measure): the exact
-order with TMA for both operands, each tile's probabilities also summed into the sorted vocabulary's slabs
-by a P x one-hot product, so the filtered backward's table costs no gathers.
+which produced the numbers above, is in git history at d36aa27). ``binned``: the exact order with TMA for
+both operands, each tile's probabilities also summed into the sorted vocabulary's slabs by a P x one-hot
+product, so the filtered backward's table costs no gathers.
+
+Outcome of the eighth session (bench/results/cce_fused_probe_v37.json; from its call 2 on, every mode is
+timed behind a busy GPU, i.e. GPU time alone): binned 18.8 ms at best against 19.1 for the gather (dropped);
+``_flat`` modes (the tile and D loops flattened into one pipeline) 13.33 ms exact, 16.26 gathered, against
+14.40 / 17.16 nested; ``sN`` split counts showed v3.6's 9 splits (4.4 waves) 1.4 ms slower than 8 or 33.
+Both now ship (FLATTEN, gemm_impl.tma_splits).
 """
 
 import argparse

@@ -26,13 +26,19 @@ def test_fused_kernels_compile_to_pipelined_tensor_core_code():
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     assert {(r["gpu"], r["kernel"], r["sorted"]) for r in rows} == {
         (gpu, kernel, perm) for gpu in ("H200", "A100", "L4") for kernel in ("fwd", "bwd") for perm in (True, False)
-    } | {("H200", "tma", perm) for perm in (True, False)}
+    } | {("H200", kernel, perm) for kernel in ("tma", "tma_grad") for perm in (True, False)}
     for row in rows:
         if row["arch"] >= 90:
             assert row["HGMMA"] > 0 and row["HMMA"] == 0, row
         else:
             assert row["HMMA"] > 0 and row["HGMMA"] == 0, row
-        if row["kernel"] == "tma":  # E by TMA; C by TMA in the vocabulary's order, else gathered by cp.async
+        if row["kernel"] == "tma_grad":  # E and the slab's (contiguous) classifier rows by TMA
+            assert row["UTMALDG"] > 0 and row["LDGSTS"] == 0, row
+            # Besides the operand buffers, the epilogue's layout conversion for coalesced dz stores takes up to
+            # a dz tile (BLOCK_N x BLOCK_V x 2 bytes; 32 KiB of it in Triton 3.6 at 128 x 256) of shared memory.
+            cfg = row["config"]
+            assert 0 <= row["shared"] - row["estimate"] <= cfg["BLOCK_N"] * cfg["BLOCK_V"] * 2 + 2048, row
+        elif row["kernel"] == "tma":  # E by TMA; C by TMA in the vocabulary's order, else gathered by cp.async
             assert row["UTMALDG"] > 0 and (row["LDGSTS"] > 0) == row["sorted"], row
             # TMA's pipeline adds its mbarriers (8 bytes per stage) to the operand buffers and, with the loops
             # flattened, the sorted order its next tile's gathered row numbers (BLOCK_V int32: 1 KiB).

@@ -242,9 +242,10 @@ def linear_cross_entropy(e, c, targets, *, bias=None, ignore_index=-100, softcap
             trailing vocabulary slabs, from hidden size ``gemm_impl.FILTER_MIN_D`` (1024) up, and runs exact
             where rows would keep most of the work; under the presets only at the token counts where that
             was measured to pay (``gemm_impl.presets_filter``: 8192+ tokens); "torch" is always exact.
-        impl: "triton" (fused kernels; CUDA, or CPU under TRITON_INTERPRET=1), "gemm" (backward: cuBLAS
-            logit slabs of ``LMFORGE_CCE_SLAB_MB`` (128) MiB with Triton passes over them; forward: one
-            TMA-fed fused kernel on Hopper, slabs elsewhere; faster on the H200; see
+        impl: "triton" (fused kernels; CUDA, or CPU under TRITON_INTERPRET=1), "gemm" (the vocabulary in
+            slabs of ``LMFORGE_CCE_SLAB_MB`` (128) MiB of fp32 logits, cuBLAS products for dE and dC; on
+            Hopper TMA-fed Triton kernels form the forward's statistics and each slab's dz without the fp32
+            slab, elsewhere cuBLAS writes it and Triton passes read it; faster on the H200; see
             :mod:`lmforge.cce.gemm_impl`), "torch" (chunked, exact, any device) or "auto" ("gemm" on CUDA,
             "torch" elsewhere).
         process_group: vocabulary parallelism (:mod:`lmforge.cce.parallel`): ``c`` (and ``bias``) hold this

@@ -8,10 +8,12 @@ products accumulated and stored in fp32), and a memory-bound Triton pass reads t
 * backward: recompute Z, turn it into dz in place (:func:`slab_grad_kernel`), then dC[slab] = dz^T E
   (complete in one product, rounded once) and dE += dz C[slab] (fp32 accumulator).
 
-On Hopper (sm_90+) with 16-bit inputs the forward needs no slab: one Triton kernel fed by tensor
-descriptors (TMA) computes the products and folds them into the statistics on chip, at ~620 TFLOP/s on
-the H200 against ~535 for cuBLAS slabs plus their pass (:func:`tma_applies`,
-:mod:`lmforge.cce.kernels.tma_forward`); it writes the same per-slab table.
+On Hopper (sm_90+) with 16-bit inputs no fp32 slab is written (:func:`tma_applies`): in the forward one
+Triton kernel fed by tensor descriptors (TMA) computes the products and folds them into the statistics on
+chip, at ~726 TFLOP/s on the H200 against ~590 for cuBLAS slabs plus their pass
+(:mod:`lmforge.cce.kernels.tma_forward`; it writes the same per-slab table); in the backward a kernel of the
+same structure stores each slab's dz in the inputs' dtype (:mod:`lmforge.cce.kernels.tma_grad`; half the
+workspace), and cuBLAS forms dC and dE from it as before.
 
 Why a second GPU path: the fused Triton kernels never hold a slab (forward extra memory is a few
 vectors), but on the H200 their backward reaches about half of the tensor cores' rate, while cuBLAS

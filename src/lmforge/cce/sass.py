@@ -100,9 +100,27 @@ def fused_kernels(n: int = 8192, d: int = 2304, v: int = 256000, arch: int = 90,
                      MAP_V=fwd["BLOCK_V"], **{k: bwd[k] for k in ("BLOCK_N", "BLOCK_V", "BLOCK_D")})
     kernels = {"fwd": (lse_forward_kernel, fwd_args, fwd_const, fwd["num_warps"], fwd["num_stages"], fwd),
                "bwd": (logit_grad_kernel, bwd_args, bwd_const, bwd["num_warps"], bwd["num_stages"], bwd)}
-    if arch >= 90:  # the GEMM path's descriptor-fed forward runs only where there is TMA
+    if arch >= 90:  # the GEMM path's descriptor-fed kernels run only where there is TMA
         kernels["tma"] = _tma_forward(n, d, v, arch, shared_limit, perm, slab)
+        kernels["tma_grad"] = _tma_grad(n, d, arch, shared_limit, slab)
     return kernels
+
+
+def _tma_grad(n: int, d: int, arch: int, shared_limit: int, slab: int) -> tuple:
+    """The GEMM path's backward logit-gradient kernel over one slab (either order: the slab's classifier
+    rows are contiguous), with the "tma" configuration it shares with the forward."""
+    from lmforge.cce.kernels.tma_grad import logit_grad_tma_kernel
+
+    cfg = configs.resolve("tma", torch.bfloat16, f"sm_{arch}", d, shared_limit, cache={}, arch=arch)
+    args = dict(_pointers("DZ:*bf16", "Bias:*bf16", "Targets:*i64", "Lse:*fp32", "Mu:*fp32", "G_lse:*fp32",
+                          "G_tgt:*fp32", "G_sum:*fp32", "G_mu:*fp32"),
+                e_desc=(f"tensordesc<bf16[{cfg['BLOCK_N']}, {cfg['BLOCK_D']}]>", None),
+                c_desc=(f"tensordesc<bf16[{cfg['BLOCK_V']}, {cfg['BLOCK_D']}]>", None),
+                N=("i32", n), slab_cols=("i32", slab), slab_start=("i32", slab), v_per_split=("i32", slab // 4),
+                stride_dzn=("i32", slab), softcap=("fp32", 1.0))
+    consts = dict(D=d, HAS_BIAS=False, HAS_SOFTCAP=False, HAS_G_LSE=True, HAS_G_TGT=True, HAS_G_SUM=False,
+                  HAS_G_MU=False, UPCAST=False, FLATTEN=True, **{k: cfg[k] for k in ("BLOCK_N", "BLOCK_V", "BLOCK_D")})
+    return logit_grad_tma_kernel, args, consts, cfg["num_warps"], cfg["num_stages"], cfg
 
 
 def _tma_forward(n: int, d: int, v: int, arch: int, shared_limit: int, gather: bool, slab: int) -> tuple:
@@ -121,6 +139,7 @@ def _tma_forward(n: int, d: int, v: int, arch: int, shared_limit: int, gather: b
     return lse_tma_kernel, args, consts, cfg["num_warps"], cfg["num_stages"], cfg
 
 
+CONFIG_OF = {"tma_grad": "tma"}  # kernels that run with another kernel's configuration
 GPUS = {"H200": (90, 232448), "A100": (80, 166912), "L4": (89, 101376)}  # (arch, shared memory per block)
 
 
@@ -135,7 +154,8 @@ def report(gpus=tuple(GPUS), **shape) -> list[dict]:
                                                                                    perm=perm, **shape).items():
                 counts = summarise(compile_for(kernel, args, consts, arch=arch, num_warps=warps, num_stages=stages))
                 rows.append(dict(gpu=gpu, arch=arch, kernel=name, sorted=perm, config=cfg, **counts,
-                                 estimate=configs.shared_memory_bytes(name, cfg, 2, arch), limit=limit))
+                                 estimate=configs.shared_memory_bytes(CONFIG_OF.get(name, name), cfg, 2, arch),
+                                 limit=limit))
     return rows
 
 

@@ -4,12 +4,17 @@ Each program owns BLOCK_N rows of E and one split of the vocabulary. It walks th
 tiles; for each tile it accumulates E[rows] C[cols]^T over D in BLOCK_D steps (fp32 accumulator, on chip),
 with both operands loaded through tensor descriptors (TMA on sm_90: one instruction per operand tile, no
 per-thread addresses), and folds the tile into an online log-sum-exp, the target logit and, when asked,
-the softmax-weighted and plain logit sums. Nothing of size N x V is written: the H200 forward at Gemma 2
-2B's shape takes 15.5 ms (623 TFLOP/s) against 18.0 ms for cuBLAS fp32 slabs plus a statistics pass over
-them, with 0.5 MB of partials instead of a 128 MiB slab (bench/cce_fused_slab_probe.py, 2026-11-30).
+the softmax-weighted and plain logit sums. The loop over tiles is flattened with the loop over D
+(``FLATTEN``; the shipped path sets it) into one software pipeline, so loads for the next tile overlap the
+current tile's last products and its epilogue instead of the pipeline draining at every tile (and the
+128 x 256 tile's register spills of the nested loops go). Nothing of size N x V is written: the H200
+forward at Gemma 2 2B's shape takes 13.3 ms of GPU time (726 TFLOP/s; 14.4 nested, 16.3 for cuBLAS fp32
+slabs plus a statistics pass over them), with ~1 MB of partials instead of a 128 MiB slab
+(bench/cce_fused_slab_probe.py, 2026-11-30, bench/results/cce_fused_probe_v37.json).
 
 Splits. The vocabulary (in visiting order) is cut into slabs of ``cols_per_slab`` columns and each slab
-into ``SUB`` splits of ``v_per_sub`` columns; program axis 1 runs over (slab, split) pairs. A split writes
+into ``SUB`` splits of ``v_per_sub`` columns (:func:`lmforge.cce.gemm_impl.tma_splits` sizes them so the
+grid fills whole waves); program axis 1 runs over (slab, split) pairs. A split writes
 its log-sum-exp to ``L_out[pid_s, row]``. With one slab (the exact order) the splits only spread the work
 over the GPU; with the GEMM path's slabs (the filtered backward's sorted order) ``L_out`` reshaped to
 (n_slabs, SUB, N) gives each row's log-sum-exp per slab, the table :func:`lmforge.cce.gemm_impl.row_depths`
@@ -17,7 +22,7 @@ reads.
 
 Sorted order (``GATHER``). TMA on sm_90 cannot gather rows, so in the sorted order C's tiles are read
 through the permutation by pointer loads (cp.async); E keeps its descriptor. This costs about 20% against
-the contiguous order (18.9 vs 15.5 ms at Gemma's shape) but needs no gathered copy of the classifier.
+the contiguous order (16.3 vs 13.3 ms at Gemma's shape) but needs no gathered copy of the classifier.
 
 Targets and bias are given by position in the visiting order (the caller permutes them). A row's target
 lies in exactly one split, which stores its logit: no partials and no atomics for it.
