@@ -58,8 +58,8 @@ def main():
     if args.event_timing:
         for busy in (False, True):
             print(f"event-timed, GPU busy before start={busy}: {event_timed(step, busy):.2f} ms (median of 10)")
-    if args.host:
-        host_profile(step)
+    if args.host:  # a forward+backward step queues ~230 launches: 3 fit the launch queue, 20 would block
+        host_profile(step, repeats=20 if args.forward else 3)
     if args.trace:
         for row in traced_steps(step):
             print("traced step:", json.dumps(row))
@@ -74,7 +74,7 @@ def main():
 def host_profile(step, repeats: int = 20, rows: int = 25):
     """Host milliseconds per step, and cProfile's functions by own time, over ``repeats`` steps queued behind
     ~0.5 s of GPU spinning (no step waits for the GPU, so this is the Python and launch work alone; a step that
-    synchronises shows up as a long wait)."""
+    synchronises shows up as a long wait, and so do more launches than CUDA's queue holds, about a thousand)."""
     import cProfile
     import pstats
     import time
@@ -142,7 +142,8 @@ def traced_steps(step, repeats: int = 5) -> list[dict]:
 def step_timeline(events: list[dict], marker: str) -> list[dict]:
     """Per host-side ``marker`` span of a chrome trace: when its first and its longest GPU kernel started
     after the span began (ms: GPU idle that host enqueueing explains), the longest kernel's duration (a kernel
-    slower than when measured alone points at clocks) and the GPU span from first kernel start to last end."""
+    slower than when measured alone points at clocks), the GPU span from first kernel start to last end and
+    the kernels' summed durations (span minus sum: the GPU idle between kernels, e.g. waiting for launches)."""
     spans = sorted((e for e in events if e.get("ph") == "X" and e.get("name") == marker
                     and e.get("cat") == "user_annotation"), key=lambda e: e["ts"])
     kernels = sorted((e for e in events if e.get("ph") == "X" and e.get("cat") == "kernel"), key=lambda e: e["ts"])
@@ -157,6 +158,7 @@ def step_timeline(events: list[dict], marker: str) -> list[dict]:
         rows.append(dict(first_kernel_after_ms=round((mine[0]["ts"] - t0) / 1e3, 3),
                          main_kernel=main["name"][:60], main_start_after_ms=round((main["ts"] - t0) / 1e3, 3),
                          main_ms=round(main["dur"] / 1e3, 3), kernels=len(mine),
+                         kernel_ms=round(sum(k["dur"] for k in mine) / 1e3, 3),
                          gpu_span_ms=round((max(k["ts"] + k["dur"] for k in mine) - mine[0]["ts"]) / 1e3, 3)))
     return rows
 

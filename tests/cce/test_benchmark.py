@@ -89,5 +89,5 @@ def test_profile_step_timeline_splits_gpu_idle_from_kernel_time():
     ]
     first, second = profile_script.step_timeline(events, "traced_step")
     assert first == dict(first_kernel_after_ms=0.1, main_kernel="lse_tma_kernel", main_start_after_ms=1.4,
-                         main_ms=15.5, kernels=3, gpu_span_ms=16.815)
+                         main_ms=15.5, kernels=3, kernel_ms=15.507, gpu_span_ms=16.815)
     assert second["main_start_after_ms"] == 0.02 and second["main_ms"] == 16.9 and second["kernels"] == 3

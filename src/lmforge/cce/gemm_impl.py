@@ -33,6 +33,7 @@ real activations (8192 tokens, 4096-column slabs, filter_eps 2^-12) rows keep 47
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -189,6 +190,7 @@ def tma_applies(e: torch.Tensor, c: torch.Tensor, *, backward: bool = False) -> 
     return e.is_cuda and configs.compute_capability(e.device) >= 90 and not interpreting()
 
 
+@functools.lru_cache(maxsize=4096)  # asked once per slab in the backward: plain integers, cached
 def tma_splits(n_blocks: int, n_slab: int, slab_tiles: int, sms: int, block_v: int) -> tuple[int, int]:
     """(splits per slab, columns per split) for :func:`lse_tma_kernel`'s grid of n_blocks x (n_slab x splits)
     programs, one program per SM at a time (its 128 x 256 tile's pipeline fills shared memory).
@@ -202,13 +204,13 @@ def tma_splits(n_blocks: int, n_slab: int, slab_tiles: int, sms: int, block_v: i
     min_programs = min(4 * sms, n_blocks * n_slab * slab_tiles)
     best = None
     for want in range(1, slab_tiles + 1):
-        per = triton.cdiv(slab_tiles, want)
-        sub = triton.cdiv(slab_tiles, per)
+        per = -(-slab_tiles // want)  # ceil division (triton.cdiv costs microseconds per call from Python)
+        sub = -(-slab_tiles // per)
         programs = n_blocks * n_slab * sub
         if programs < min_programs:
             continue
         # Busy SM-time over the SM-time the waves take, counting each program as one of the longest.
-        efficiency = n_blocks * n_slab * slab_tiles / (triton.cdiv(programs, sms) * sms * per)
+        efficiency = n_blocks * n_slab * slab_tiles / (-(-programs // sms) * sms * per)
         if best is None or efficiency > best[0] + 1e-9:
             best = (efficiency, sub, per)
         if efficiency >= 0.95:
@@ -328,24 +330,31 @@ def row_depths(slab_lse, lse, g_lse, g_tgt, slab_targets, cols_per_slab: int, fi
     return depth
 
 
-def _logit_grad_tma(e_rows, c_slab, dz, slab_bias, slab_targets, vectors, start: int, softcap, grads: dict):
-    """dz (k x cols, the inputs' dtype) of rows e_rows against classifier rows c_slab, which sit at vocabulary
-    positions [start, start + cols), by :func:`logit_grad_tma_kernel` (no fp32 logit slab)."""
-    k, d = e_rows.shape
-    cols = c_slab.shape[0]
-    cfg = configs.config_for("tma", e_rows.dtype, e_rows.device, d)
-    n_blocks = triton.cdiv(k, cfg["BLOCK_N"])
-    sms = _num_sms(e_rows.device.index or 0) if e_rows.is_cuda else 4
-    sub, v_per_split = tma_splits(n_blocks, 1, triton.cdiv(cols, cfg["BLOCK_V"]), sms, cfg["BLOCK_V"])
-    launch = {} if interpreting() else dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    logit_grad_tma_kernel[(n_blocks, sub)](
-        TensorDescriptor.from_tensor(e_rows, [cfg["BLOCK_N"], cfg["BLOCK_D"]]),
-        TensorDescriptor.from_tensor(c_slab, [cfg["BLOCK_V"], cfg["BLOCK_D"]]),
-        dz, slab_bias if slab_bias is not None else dz, slab_targets, *vectors,
-        k, cols, start, v_per_split, dz.stride(0), float(softcap) if softcap is not None else 1.0,
-        D=d, HAS_BIAS=slab_bias is not None, HAS_SOFTCAP=softcap is not None, UPCAST=interpreting(),
-        BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BLOCK_D"], FLATTEN=True, **grads, **launch,
-    )
+def _logit_grad_tma(e, c_rows, slab_bias, slab_targets, vectors, softcap, grads: dict):
+    """A function ``launch(k, c_row0, cols, start, dz)`` that writes dz (k x cols, the inputs' dtype) of e's
+    first k rows against c_rows[c_row0 : c_row0 + cols], the classifier rows at vocabulary positions
+    [start, start + cols), by :func:`logit_grad_tma_kernel` (no fp32 logit slab). The tensor descriptors and
+    launch options are made once per backward: the host's work per slab is the launch alone (at SmolLM2's
+    shape a slab's three GPU operations take ~0.25 ms, about what building them each time cost)."""
+    d = e.shape[1]
+    cfg = configs.config_for("tma", e.dtype, e.device, d)
+    sms = _num_sms(e.device.index or 0) if e.is_cuda else 4
+    e_desc = TensorDescriptor.from_tensor(e, [cfg["BLOCK_N"], cfg["BLOCK_D"]])
+    c_desc = TensorDescriptor.from_tensor(c_rows, [cfg["BLOCK_V"], cfg["BLOCK_D"]])
+    options = dict(D=d, HAS_BIAS=slab_bias is not None, HAS_SOFTCAP=softcap is not None, UPCAST=interpreting(),
+                   BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BLOCK_D"], FLATTEN=True, **grads)
+    if not interpreting():
+        options.update(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    bias = slab_bias if slab_bias is not None else e  # never read without HAS_BIAS
+    cap = float(softcap) if softcap is not None else 1.0
+
+    def launch(k: int, c_row0: int, cols: int, start: int, dz: torch.Tensor):
+        n_blocks = -(-k // cfg["BLOCK_N"])
+        sub, v_per_split = tma_splits(n_blocks, 1, -(-cols // cfg["BLOCK_V"]), sms, cfg["BLOCK_V"])
+        logit_grad_tma_kernel[(n_blocks, sub)](e_desc, c_desc, dz, bias, slab_targets, *vectors,
+                                               k, cols, start, c_row0, v_per_split, dz.stride(0), cap, **options)
+
+    return launch
 
 
 def backward(e, c, bias, targets, lse, mean_logit, g_lse, g_tgt, g_sum, g_mu, *, softcap=None,
@@ -395,6 +404,12 @@ def backward(e, c, bias, targets, lse, mean_logit, g_lse, g_tgt, g_sum, g_mu, *,
     narrow = buffer.view(e.dtype) if e.dtype != torch.float32 else buffer
     per_z = narrow.numel() // buffer.numel()  # elements of dz per element of z (2 for 16-bit inputs)
     out_dtype = de_dtype or e.dtype
+    grads = dict(HAS_G_LSE=g_lse is not None, HAS_G_TGT=g_tgt is not None,
+                 HAS_G_SUM=g_sum is not None, HAS_G_MU=g_mu is not None)
+    # The TMA kernel reads the classifier's slab rows where they are: in c itself (vocabulary order) or in
+    # the gathered buffer (sorted order).
+    grad_tma = _logit_grad_tma(e, c if perm is None else c_buffer, slab_bias, slab_targets, vectors, softcap,
+                               grads) if tma else None
     z = dz = e_rows = c_slab = dc_slab = None
     for index, start in enumerate(range(0, vocab, cols_per_slab)):
         cols = min(cols_per_slab, vocab - start)
@@ -407,11 +422,9 @@ def backward(e, c, bias, targets, lse, mean_logit, g_lse, g_tgt, g_sum, g_mu, *,
         else:
             c_slab = _classifier_slab(c, perm, start, cols, c_buffer)
             e_rows = e[:k]
-            grads = dict(HAS_G_LSE=g_lse is not None, HAS_G_TGT=g_tgt is not None,
-                         HAS_G_SUM=g_sum is not None, HAS_G_MU=g_mu is not None)
             if tma:
                 dz = buffer[: k * cols].view(k, cols)
-                _logit_grad_tma(e_rows, c_slab, dz, slab_bias, slab_targets, vectors, start, softcap, grads)
+                grad_tma(k, start if perm is None else 0, cols, start, dz)
             else:
                 z = _slab_view(buffer, k, cols)
                 _logits_into(z, e_rows, c_slab)
@@ -436,7 +449,7 @@ def backward(e, c, bias, targets, lse, mean_logit, g_lse, g_tgt, g_sum, g_mu, *,
             dc.index_copy_(0, perm[start:start + cols].long(), dc_slab)
     # Free the workspace (the views hold the slab's storage) and the permuted rows before dE's conversion,
     # so that the conversion's copies do not add to the slab's peak.
-    z = dz = e_rows = c_slab = dc_slab = narrow = buffer = c_buffer = e = None
+    z = dz = e_rows = c_slab = dc_slab = narrow = buffer = c_buffer = e = grad_tma = None
     de = None
     if need_de:
         de = de32.to(out_dtype)

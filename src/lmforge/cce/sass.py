@@ -116,7 +116,8 @@ def _tma_grad(n: int, d: int, arch: int, shared_limit: int, slab: int) -> tuple:
                           "G_tgt:*fp32", "G_sum:*fp32", "G_mu:*fp32"),
                 e_desc=(f"tensordesc<bf16[{cfg['BLOCK_N']}, {cfg['BLOCK_D']}]>", None),
                 c_desc=(f"tensordesc<bf16[{cfg['BLOCK_V']}, {cfg['BLOCK_D']}]>", None),
-                N=("i32", n), slab_cols=("i32", slab), slab_start=("i32", slab), v_per_split=("i32", slab // 4),
+                N=("i32", n), slab_cols=("i32", slab), slab_start=("i32", slab), c_row0=("i32", slab),
+                v_per_split=("i32", slab // 4),
                 stride_dzn=("i32", slab), softcap=("fp32", 1.0))
     consts = dict(D=d, HAS_BIAS=False, HAS_SOFTCAP=False, HAS_G_LSE=True, HAS_G_TGT=True, HAS_G_SUM=False,
                   HAS_G_MU=False, UPCAST=False, FLATTEN=True, **{k: cfg[k] for k in ("BLOCK_N", "BLOCK_V", "BLOCK_D")})

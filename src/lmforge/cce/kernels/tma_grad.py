@@ -3,11 +3,12 @@
 The GEMM path's backward visits the vocabulary one slab of S columns at a time. Before Hopper (and with
 ``LMFORGE_CCE_TMA=0`` or ``forward``) cuBLAS writes the slab's fp32 logits (N x S x 4 bytes; 128 MiB at
 8192 tokens) and a memory-bound pass turns them into dz in place. Here one kernel does both: a program owns
-BLOCK_N rows and a run of whole BLOCK_V-column tiles of the slab; for each tile it accumulates
-E[rows] C[slab cols]^T over D (fp32, on chip; E and C tiles loaded through tensor descriptors), applies
-bias and softcap, and stores the tile's dz (:func:`lmforge.cce.kernels.slab.logit_grad`) in the inputs'
-dtype. The loop over tiles is flattened with the loop over D into one software pipeline, as in the forward
-(:mod:`lmforge.cce.kernels.tma_forward`).
+BLOCK_N rows and a run of whole BLOCK_V-column tiles of the slab, whose classifier rows start at row
+``c_row0`` of the descriptor's tensor (c itself, or the sorted order's gathered slab); for each tile it
+accumulates E[rows] C[slab cols]^T over D (fp32, on chip; E and C tiles loaded through tensor
+descriptors), applies bias and softcap, and stores the tile's dz (:func:`lmforge.cce.kernels.slab.logit_grad`)
+in the inputs' dtype. The loop over tiles is flattened with the loop over D into one software pipeline, as
+in the forward (:mod:`lmforge.cce.kernels.tma_forward`).
 
 Reads: E's rows once per tile and C's slab rows once per row block (2 (BLOCK_N + BLOCK_V) D bytes per
 tile, mostly from L2), six fp32 vectors per row. Writes: dz, 2 N S bytes (half the fp32 slab it replaces,
@@ -25,7 +26,7 @@ from lmforge.cce.kernels.tma_forward import row_block
 @triton.jit
 def logit_grad_tma_kernel(
     e_desc, c_desc, DZ, Bias, Targets, Lse, Mu, G_lse, G_tgt, G_sum, G_mu,
-    N, slab_cols, slab_start, v_per_split, stride_dzn, softcap,
+    N, slab_cols, slab_start, c_row0, v_per_split, stride_dzn, softcap,
     D: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_G_LSE: tl.constexpr, HAS_G_TGT: tl.constexpr, HAS_G_SUM: tl.constexpr, HAS_G_MU: tl.constexpr,
     UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -43,7 +44,7 @@ def logit_grad_tma_kernel(
         acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
         for d0 in tl.range(0, D, BLOCK_D):
             a = e_desc.load([row0, d0])
-            b = c_desc.load([v0, d0])  # rows past the slab come back as zeros and are masked below
+            b = c_desc.load([c_row0 + v0, d0])  # rows past the slab (the next slab's, or zeros) are masked below
             if UPCAST:  # the interpreter multiplies 16-bit tiles as raw bits; fp32 gives the GPU's products
                 acc = tl.dot(a.to(tl.float32), b.to(tl.float32).T, acc, input_precision="ieee")
             else:
