@@ -35,6 +35,21 @@ def test_shipped_defaults_fit_the_devices_shared_memory(limit, arch, dtype):
         assert fwd == dict(configs.DEFAULTS[("fwd", "16bit")], num_stages=2)
 
 
+def test_tma_config_leaves_room_for_the_dz_kernels_store_staging():
+    # "tma" also configures the backward's dz kernel, whose stores take BLOCK_N x BLOCK_V bytes of shared
+    # memory beyond the operand buffers (tests/cce/test_sass.py measures both kernels on sm_90).
+    shipped = configs.DEFAULTS[("tma", "16bit")]
+    operands = configs.shared_memory_bytes("tma", shipped, 2, 90)
+    staging = shipped["BLOCK_N"] * shipped["BLOCK_V"]
+    assert configs.resolve("tma", torch.bfloat16, "x", 2304, H200, cache={}, arch=90) == shipped
+    assert operands + staging + configs.SHARED_MARGIN <= H200
+    tight = operands + configs.SHARED_MARGIN + staging // 2  # the forward alone would fit, the dz kernel not
+    cfg = configs.resolve("tma", torch.bfloat16, "x", 2304, tight, cache={}, arch=90)
+    assert cfg["num_stages"] < shipped["num_stages"]
+    assert configs.shared_memory_bytes("tma", cfg, 2, 90) + cfg["BLOCK_N"] * cfg["BLOCK_V"] \
+        + configs.SHARED_MARGIN <= tight
+
+
 def test_cache_entry_wins_over_defaults_and_the_override_over_both(tmp_path):
     path = tmp_path / "cache.json"
     tuned = dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=32, num_warps=4, num_stages=5)

@@ -149,9 +149,12 @@ def shared_memory_bytes(kernel: str, cfg: dict, elem_bytes: int, arch: int = 90)
 
 def fit_shared_memory(kernel: str, cfg: dict, limit: int, elem_bytes: int, arch: int = 90) -> dict:
     """``cfg`` with pipeline stages (down to 2), then BLOCK_V, BLOCK_N and BLOCK_D (down to 64, 64, 16)
-    reduced until :func:`shared_memory_bytes` plus SHARED_MARGIN fits ``limit`` bytes."""
+    reduced until :func:`shared_memory_bytes` plus SHARED_MARGIN fits ``limit`` bytes. For "tma" the
+    backward's dz kernel (:mod:`lmforge.cce.kernels.tma_grad`), which shares its configuration, also stages
+    its dz stores in shared memory: BLOCK_N x BLOCK_V bytes more (32 KiB at 128 x 256, Triton 3.6)."""
     cfg = dict(cfg)
-    while shared_memory_bytes(kernel, cfg, elem_bytes, arch) + SHARED_MARGIN > limit:
+    staging = (lambda c: c["BLOCK_N"] * c["BLOCK_V"]) if kernel == "tma" else (lambda c: 0)
+    while shared_memory_bytes(kernel, cfg, elem_bytes, arch) + staging(cfg) + SHARED_MARGIN > limit:
         if cfg["num_stages"] > 2:
             cfg["num_stages"] -= 1
         elif cfg["BLOCK_V"] > 64:
