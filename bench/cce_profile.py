@@ -35,8 +35,8 @@ def main():
                     help="also trace 5 plainly event-timed steps and split each into GPU idle before its longest "
                          "kernel, that kernel's duration and the rest (where an event-timed step's time goes)")
     ap.add_argument("--host", action="store_true",
-                    help="also profile the host (cProfile) over 20 steps enqueued behind a busy GPU: the Python work "
-                         "a call does before its kernels can run, by function")
+                    help="also profile the host (cProfile) over steps enqueued behind a busy GPU (20 forwards or 3 "
+                         "forward+backward steps): the Python and launch work of a call, by function")
     args = ap.parse_args()
     eps = args.filter_eps if args.filter_eps in (None, "auto", "fast") else float(args.filter_eps)
     n, d, v = parse_shape(args.shape)

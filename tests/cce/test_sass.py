@@ -34,10 +34,11 @@ def test_fused_kernels_compile_to_pipelined_tensor_core_code():
             assert row["HMMA"] > 0 and row["HGMMA"] == 0, row
         if row["kernel"] == "tma_grad":  # E and the slab's (contiguous) classifier rows by TMA
             assert row["UTMALDG"] > 0 and row["LDGSTS"] == 0, row
-            # Besides the operand buffers, the epilogue's layout conversion for coalesced dz stores takes up to
-            # a dz tile (BLOCK_N x BLOCK_V x 2 bytes; 32 KiB of it in Triton 3.6 at 128 x 256) of shared memory.
+            # Besides the operand buffers, the epilogue's layout conversion for coalesced dz stores takes half a
+            # dz tile (BLOCK_N x BLOCK_V bytes; 32 KiB at 128 x 256 in Triton 3.6), which configs' fitting of
+            # "tma" reserves, and the mbarriers.
             cfg = row["config"]
-            assert 0 <= row["shared"] - row["estimate"] <= cfg["BLOCK_N"] * cfg["BLOCK_V"] * 2 + 2048, row
+            assert 0 <= row["shared"] - row["estimate"] - cfg["BLOCK_N"] * cfg["BLOCK_V"] <= 2048, row
         elif row["kernel"] == "tma":  # E by TMA; C by TMA in the vocabulary's order, else gathered by cp.async
             assert row["UTMALDG"] > 0 and (row["LDGSTS"] > 0) == row["sorted"], row
             # TMA's pipeline adds its mbarriers (8 bytes per stage) to the operand buffers and, with the loops

@@ -9,7 +9,7 @@ the softmax-weighted and plain logit sums. The loop over tiles is flattened with
 current tile's last products and its epilogue instead of the pipeline draining at every tile (and the
 128 x 256 tile's register spills of the nested loops go). Nothing of size N x V is written: the H200
 forward at Gemma 2 2B's shape takes 13.3 ms of GPU time (726 TFLOP/s; 14.4 nested, 16.3 for cuBLAS fp32
-slabs plus a statistics pass over them), with ~1 MB of partials instead of a 128 MiB slab
+slabs plus a statistics pass over them), with under 1 MiB of partials instead of a 128 MiB slab
 (bench/cce_fused_slab_probe.py, 2026-11-30, bench/results/cce_fused_probe_v37.json).
 
 Splits. The vocabulary (in visiting order) is cut into slabs of ``cols_per_slab`` columns and each slab
