@@ -54,6 +54,7 @@ import triton.language as tl  # noqa: E402
 from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402
 
 from lmforge.cce import gemm_impl  # noqa: E402
+from lmforge.cce.benchmark import cuda_event_times  # noqa: E402
 from lmforge.cce.kernels.forward import _add_target_logit, _store_split  # noqa: E402
 from lmforge.cce.kernels.tma_forward import lse_tma_kernel, row_block  # noqa: E402
 from lmforge.cce.triton_impl import interpreting, vocab_order  # noqa: E402
@@ -264,16 +265,7 @@ def _time(fn, repeats):
     time alone, without the host's Python and launch work (which do_bench, used before 2026-11-30's 8th
     session, counted whenever it outlasted its cache-clearing kernel)."""
     fn()
-    times = []
-    for _ in range(repeats):
-        torch.cuda._sleep(40_000_000)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return statistics.median(cuda_event_times(fn, repeats, busy_cycles=40_000_000))
 
 
 def main():

@@ -28,6 +28,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 
 from lmforge.cce import gemm_impl  # noqa: E402
+from lmforge.cce.benchmark import cuda_event_times  # noqa: E402
 from lmforge.cce.kernels.slab import slab_grad_kernel, slab_stats_kernel  # noqa: E402
 from lmforge.cce.triton_impl import _accumulate_matmul  # noqa: E402
 
@@ -148,14 +149,7 @@ def _time(fn, repeats):
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
+    times = cuda_event_times(fn, repeats)
     return sorted(times)[len(times) // 2]
 
 

@@ -16,7 +16,7 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
 
 from lmforge.cce import linear_cross_entropy  # noqa: E402
-from lmforge.cce.benchmark import parse_shape  # noqa: E402
+from lmforge.cce.benchmark import cuda_event_times, parse_shape  # noqa: E402
 from lmforge.cce.regimes import make_inputs  # noqa: E402
 
 
@@ -100,24 +100,10 @@ def host_profile(step, repeats: int = 20, rows: int = 25):
     pstats.Stats(prof).sort_stats("cumtime").print_stats(rows)
 
 
-def event_times(step, repeats: int, busy: bool = False) -> list[float]:
-    """CUDA-event times (ms) of ``repeats`` steps, each between two synchronisations as bench/cce_gpu.py
-    times them; ``busy``: the GPU spins before each start event, so the step is enqueued before it runs."""
-    times = []
-    for _ in range(repeats):
-        if busy:
-            torch.cuda._sleep(100_000_000)  # ~50 ms of spinning
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return times
-
-
 def event_timed(step, busy: bool, repeats: int = 10) -> float:
-    return statistics.median(event_times(step, repeats, busy))
+    """Median CUDA-event ms of ``step`` as bench/cce_gpu.py times it; ``busy``: behind ~50 ms of GPU spinning
+    before each start event (the step is enqueued before it runs)."""
+    return statistics.median(cuda_event_times(step, repeats, busy_cycles=100_000_000 if busy else 0))
 
 
 def traced_steps(step, repeats: int = 5) -> list[dict]:
@@ -129,7 +115,7 @@ def traced_steps(step, repeats: int = 5) -> list[dict]:
             step()
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        elapsed = event_times(marked_step, repeats)
+        elapsed = cuda_event_times(marked_step, repeats)
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         prof.export_chrome_trace(f.name)
         events = json.load(open(f.name))["traceEvents"]
