@@ -42,8 +42,9 @@ def test_fused_kernels_compile_to_pipelined_tensor_core_code():
         elif row["kernel"] == "tma":  # E by TMA; C by TMA in the vocabulary's order, else gathered by cp.async
             assert row["UTMALDG"] > 0 and (row["LDGSTS"] > 0) == row["sorted"], row
             # TMA's pipeline adds its mbarriers (8 bytes per stage) to the operand buffers and, with the loops
-            # flattened, the sorted order its next tile's gathered row numbers (BLOCK_V int32: 1 KiB).
-            assert 0 <= row["shared"] - row["estimate"] <= 2048, row
+            # flattened, the sorted order stages its next tile's gathered row numbers: 1048 bytes in all with
+            # Triton 3.6 (the GPU's), 2072 with 3.9 (CI's); SHARED_MARGIN (16 KiB) covers either.
+            assert 0 <= row["shared"] - row["estimate"] <= 4096, row
         else:
             assert row["LDGSTS"] > 0, row
             assert row["shared"] == row["estimate"], row
