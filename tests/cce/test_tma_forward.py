@@ -53,12 +53,15 @@ def test_tma_forward_matches_float64_and_the_slab_forward(monkeypatch, dtype, co
         torch.testing.assert_close(got, slab, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("pieces", [False, True])
 @pytest.mark.parametrize("filter_eps", [None, 2.0 ** -10])
-def test_gemm_loss_with_the_tma_forward_matches_float64(monkeypatch, filter_eps):
+def test_gemm_loss_with_the_tma_forward_matches_float64(monkeypatch, filter_eps, pieces):
     # The whole autograd path: the forward's table (sorted order, gathered classifier rows) drives the
     # filtered backward exactly as the cuBLAS forward's does.
     monkeypatch.setenv("LMFORGE_CCE_TMA", "1")
     monkeypatch.setenv("LMFORGE_CCE_SLAB_MB", str(32 * N * 4 / 2**20))
+    if pieces:  # the backward visits each 32-column slab in two pieces
+        monkeypatch.setenv("LMFORGE_CCE_DZ_MB", str(16 * N * 2 / 2**20))
     monkeypatch.setattr(gemm_impl, "FILTER_MIN_D", 1)  # this small shape filters too
     e, c, t, b = make_inputs(torch.bfloat16, ignore_frac=0.2, with_bias=True, scale=3.0)
     out = linear_cross_entropy(e, c, t, bias=b, impl="gemm", softcap=5.0, filter_eps=filter_eps,
@@ -70,14 +73,18 @@ def test_gemm_loss_with_the_tma_forward_matches_float64(monkeypatch, filter_eps)
         assert rel_err(got, want) < 1.2e-2
 
 
+@pytest.mark.parametrize("pieces", [False, True])  # each slab whole, or in 16-column pieces
 @pytest.mark.parametrize("cols", [32, V])  # several slabs (the last ragged), one slab
 @pytest.mark.parametrize("sorted_order", [False, True])
-def test_tma_logit_gradient_matches_float64_and_the_slab_backward(monkeypatch, cols, sorted_order):
+def test_tma_logit_gradient_matches_float64_and_the_slab_backward(monkeypatch, cols, sorted_order, pieces):
     # kernels/tma_grad.py: dz from E and C on chip instead of cuBLAS's fp32 slab and the in-place pass,
     # with every upstream gradient (lse, target logit, logit sum, softmax-mean logit), bias and softcap.
     e, c, t, b = make_inputs(torch.bfloat16, ignore_frac=0.2, with_bias=True, scale=2.0)
     e, c, b = e.detach(), c.detach(), b.detach()
     monkeypatch.setenv("LMFORGE_CCE_SLAB_MB", str(cols * N * 4 / 2**20))
+    if pieces:
+        monkeypatch.setenv("LMFORGE_CCE_DZ_MB", str(16 * N * 2 / 2**20))
+        assert gemm_impl.piece_columns(N, cols, 2) == 16 and gemm_impl.piece_columns(N, cols, 4) == 16
     g = torch.Generator().manual_seed(5)
     grads = [(torch.randn(N, generator=g, dtype=torch.float64) / N) for _ in range(4)]
     perm = torch.randperm(V, generator=torch.Generator().manual_seed(3)).to(DEVICE, torch.int32) \
@@ -85,16 +92,27 @@ def test_tma_logit_gradient_matches_float64_and_the_slab_backward(monkeypatch, c
     e64, c64, b64 = (x.detach().cpu().double().requires_grad_() for x in (e, c, b))
     lse, tgt, zsum, mu, _ = float64_stats(e64, c64, b64, t.cpu(), 3.0, None, V)
     sum(gr * stat for gr, stat in zip(grads, (lse, tgt, zsum, mu))).sum().backward()
-    results = {}
+    results, widths = {}, []
+    classifier_slab = gemm_impl._classifier_slab
+    monkeypatch.setattr(gemm_impl, "_classifier_slab",
+                        lambda c, perm, start, w, buf: widths.append(w) or classifier_slab(c, perm, start, w, buf))
     for tma in ("1", "0"):
         monkeypatch.setenv("LMFORGE_CCE_TMA", tma)
         assert gemm_impl.tma_applies(e, c, backward=True) == (tma == "1")
         results[tma] = gemm_impl.backward(e, c, b, t, lse.float().to(DEVICE), mu.detach().float().to(DEVICE),
                                           *(gr.float().to(DEVICE) for gr in grads), softcap=3.0, need_db=True,
                                           perm=perm)
+    assert max(widths) == (16 if pieces else min(cols, V)) and sum(widths) == 2 * V  # each column once per run
     for got, slab, want in zip(results["1"], results["0"], (e64.grad, c64.grad, b64.grad)):
         assert rel_err(got, want) < 1e-2
         assert rel_err(got, slab) < 1e-2  # dz rounds to bf16 in both; their fp32 products may differ
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-1"])
+def test_a_bad_piece_budget_is_a_clear_error(monkeypatch, value):
+    monkeypatch.setenv("LMFORGE_CCE_DZ_MB", value)
+    with pytest.raises(ValueError, match="LMFORGE_CCE_DZ_MB"):
+        gemm_impl.piece_columns(N, 32, 2)
 
 
 def test_tma_applies_only_where_a_descriptor_can_read_the_rows(monkeypatch):

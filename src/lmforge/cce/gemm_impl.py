@@ -132,6 +132,27 @@ def _logits_into(out: torch.Tensor, e: torch.Tensor, c_slab: torch.Tensor) -> No
     torch.mm(e.float(), c_slab.float().t(), out=out)
 
 
+def piece_columns(n: int, cols_per_slab: int, elem_bytes: int, piece_bytes: int | None = None) -> int:
+    """Columns of one backward piece: the backward visits each slab in pieces whose logit gradient (n x
+    piece, ``elem_bytes`` per entry: the dz buffer, or cuBLAS's fp32 logits) fits ``piece_bytes``
+    (``LMFORGE_CCE_DZ_MB``; default: the whole slab). Smaller pieces shrink the backward's workspace at the
+    price of more, smaller products; the filter's plan (rows per slab) is unchanged. Whole 256-column
+    tiles unless the slab is narrower."""
+    if piece_bytes is None:
+        mb = os.environ.get("LMFORGE_CCE_DZ_MB")
+        if mb is None:
+            return cols_per_slab
+        try:
+            piece_bytes = int(float(mb) * 2**20)
+        except ValueError:
+            raise ValueError(f"LMFORGE_CCE_DZ_MB must be a number of MiB, got {mb!r}") from None
+        if piece_bytes <= 0:
+            raise ValueError(f"LMFORGE_CCE_DZ_MB must be > 0, got {mb!r}")
+    cols = piece_bytes // (elem_bytes * max(n, 1))
+    cols = cols // 256 * 256 if cols >= 256 else max(16, cols)
+    return min(cols, cols_per_slab)
+
+
 def _slab_view(buffer: torch.Tensor, n: int, cols: int) -> torch.Tensor:
     return buffer[: n * cols].view(n, cols)
 
@@ -367,7 +388,9 @@ def backward(e, c, bias, targets, lse, mean_logit, g_lse, g_tgt, g_sum, g_mu, *,
     the leading rows that still need it, so every row loses at most ``filter_eps`` of its softmax mass to
     skipped slabs and the skipped work is never done (unless rows would keep >= ``DENSE_SHARE`` of the
     work: then the backward is exact). dE is accumulated in float32 and returned in
-    ``de_dtype`` (default e's dtype).
+    ``de_dtype`` (default e's dtype). Each slab is visited in pieces of :func:`piece_columns` columns
+    (``LMFORGE_CCE_DZ_MB``; by default one piece per slab), which bounds the dz (or fp32 logit) buffer and
+    the sorted order's gathered classifier rows.
     """
     n, d = e.shape
     vocab = c.shape[0]
@@ -393,13 +416,14 @@ def backward(e, c, bias, targets, lse, mean_logit, g_lse, g_tgt, g_sum, g_mu, *,
         del depth
     # The logit slab (fp32) that cuBLAS writes and dz overwrites, or with the TMA kernel dz alone.
     tma = tma_applies(e, c, backward=True)
-    buffer = torch.empty(n * cols_per_slab, dtype=e.dtype if tma else torch.float32, device=e.device)
+    piece = piece_columns(n, cols_per_slab, e.element_size() if tma else 4)
+    buffer = torch.empty(n * piece, dtype=e.dtype if tma else torch.float32, device=e.device)
     de32 = torch.zeros((n, d), dtype=torch.float32, device=e.device) if need_de else None
     dc = torch.empty_like(c, memory_format=torch.contiguous_format) if need_dc else None
     db32 = torch.zeros(vocab, dtype=torch.float32, device=c.device) if need_db else None
     # The sorted order gathers each classifier slab into c_buffer; once dE has used it, the slab's dC is
     # formed there too before it is scattered back to the tokens' rows.
-    c_buffer = torch.empty((cols_per_slab, d), dtype=c.dtype, device=c.device) if perm is not None else None
+    c_buffer = torch.empty((piece, d), dtype=c.dtype, device=c.device) if perm is not None else None
     # dz lives in the logit buffer: in the inputs' dtype, row i over the first bytes of row i of z.
     narrow = buffer.view(e.dtype) if e.dtype != torch.float32 else buffer
     per_z = narrow.numel() // buffer.numel()  # elements of dz per element of z (2 for 16-bit inputs)
@@ -411,42 +435,44 @@ def backward(e, c, bias, targets, lse, mean_logit, g_lse, g_tgt, g_sum, g_mu, *,
     grad_tma = _logit_grad_tma(e, c if perm is None else c_buffer, slab_bias, slab_targets, vectors, softcap,
                                grads) if tma else None
     z = dz = e_rows = c_slab = dc_slab = None
-    for index, start in enumerate(range(0, vocab, cols_per_slab)):
-        cols = min(cols_per_slab, vocab - start)
+    for index, slab_start in enumerate(range(0, vocab, cols_per_slab)):
         k = counts[index]  # rows 0 .. k-1 (in row order) visit this slab
-        if need_dc:
-            dc_slab = dc[start:start + cols] if perm is None else c_buffer[:cols]
-        if k == 0:
-            if dc_slab is not None:
-                dc_slab.zero_()
-        else:
-            c_slab = _classifier_slab(c, perm, start, cols, c_buffer)
-            e_rows = e[:k]
-            if tma:
-                dz = buffer[: k * cols].view(k, cols)
-                grad_tma(k, start if perm is None else 0, cols, start, dz)
+        slab_end = min(slab_start + cols_per_slab, vocab)
+        for start in range(slab_start, slab_end, piece):
+            cols = min(piece, slab_end - start)
+            if need_dc:
+                dc_slab = dc[start:start + cols] if perm is None else c_buffer[:cols]
+            if k == 0:
+                if dc_slab is not None:
+                    dc_slab.zero_()
             else:
-                z = _slab_view(buffer, k, cols)
-                _logits_into(z, e_rows, c_slab)
-                dz = narrow[: k * cols * per_z].view(k, cols * per_z)[:, :cols]
-                slab_grad_kernel[(triton.cdiv(k, cfg["BLOCK_N"]),)](
-                    z, dz, slab_bias if slab_bias is not None else z, slab_targets, *vectors,
-                    k, cols, start, z.stride(0), dz.stride(0), float(softcap) if softcap is not None else 1.0,
-                    HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
-                    BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], **grads, **_launch(cfg),
-                )
-            if need_de:
-                _accumulate_matmul(de32[:k], dz, c_slab)
-            if dc_slab is not None:  # after dE: in the sorted order it overwrites the gathered c_slab
-                torch.mm(dz.t(), e_rows, out=dc_slab)
-            if need_db:
-                db_slab = dz.sum(dim=0, dtype=torch.float32)
-                if perm is None:
-                    db32[start:start + cols] += db_slab
+                c_slab = _classifier_slab(c, perm, start, cols, c_buffer)
+                e_rows = e[:k]
+                if tma:
+                    dz = buffer[: k * cols].view(k, cols)
+                    grad_tma(k, start if perm is None else 0, cols, start, dz)
                 else:
-                    db32.index_add_(0, perm[start:start + cols].long(), db_slab)
-        if dc_slab is not None and perm is not None:
-            dc.index_copy_(0, perm[start:start + cols].long(), dc_slab)
+                    z = _slab_view(buffer, k, cols)
+                    _logits_into(z, e_rows, c_slab)
+                    dz = narrow[: k * cols * per_z].view(k, cols * per_z)[:, :cols]
+                    slab_grad_kernel[(triton.cdiv(k, cfg["BLOCK_N"]),)](
+                        z, dz, slab_bias if slab_bias is not None else z, slab_targets, *vectors,
+                        k, cols, start, z.stride(0), dz.stride(0), float(softcap) if softcap is not None else 1.0,
+                        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
+                        BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], **grads, **_launch(cfg),
+                    )
+                if need_de:
+                    _accumulate_matmul(de32[:k], dz, c_slab)
+                if dc_slab is not None:  # after dE: in the sorted order it overwrites the gathered c_slab
+                    torch.mm(dz.t(), e_rows, out=dc_slab)
+                if need_db:
+                    db_slab = dz.sum(dim=0, dtype=torch.float32)
+                    if perm is None:
+                        db32[start:start + cols] += db_slab
+                    else:
+                        db32.index_add_(0, perm[start:start + cols].long(), db_slab)
+            if dc_slab is not None and perm is not None:
+                dc.index_copy_(0, perm[start:start + cols].long(), dc_slab)
     # Free the workspace (the views hold the slab's storage) and the permuted rows before dE's conversion,
     # so that the conversion's copies do not add to the slab's peak.
     z = dz = e_rows = c_slab = dc_slab = narrow = buffer = c_buffer = e = grad_tma = None
