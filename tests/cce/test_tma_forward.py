@@ -76,10 +76,11 @@ def test_gemm_loss_with_the_tma_forward_matches_float64(monkeypatch, filter_eps,
 @pytest.mark.parametrize("pieces", [False, True])  # each slab whole, or in 16-column pieces
 @pytest.mark.parametrize("cols", [32, V])  # several slabs (the last ragged), one slab
 @pytest.mark.parametrize("sorted_order", [False, True])
-def test_tma_logit_gradient_matches_float64_and_the_slab_backward(monkeypatch, cols, sorted_order, pieces):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_tma_logit_gradient_matches_float64_and_the_slab_backward(monkeypatch, cols, sorted_order, pieces, dtype):
     # kernels/tma_grad.py: dz from E and C on chip instead of cuBLAS's fp32 slab and the in-place pass,
     # with every upstream gradient (lse, target logit, logit sum, softmax-mean logit), bias and softcap.
-    e, c, t, b = make_inputs(torch.bfloat16, ignore_frac=0.2, with_bias=True, scale=2.0)
+    e, c, t, b = make_inputs(dtype, ignore_frac=0.2, with_bias=True, scale=2.0)
     e, c, b = e.detach(), c.detach(), b.detach()
     monkeypatch.setenv("LMFORGE_CCE_SLAB_MB", str(cols * N * 4 / 2**20))
     if pieces:
