@@ -211,7 +211,7 @@ CONFIGS = [dict(BLOCK_N=128, BLOCK_V=256, BLOCK_D=64, num_warps=8, num_stages=3)
            dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=4),
            dict(BLOCK_N=64, BLOCK_V=256, BLOCK_D=64, num_warps=4, num_stages=4),
            dict(BLOCK_N=128, BLOCK_V=256, BLOCK_D=128, num_warps=8, num_stages=2)]
-# Modes: the exact order with the default ~16 waves of splits, or `sN` splits (the shipped forward picks 9 at
+# Modes: the exact order with the default ~16 waves of splits, or `sN` splits (v3.6's forward picked 9 at
 # Gemma's shape on an H200: 576 programs, 4.4 waves); `_flat`: the kernel's loop over vocabulary tiles flattened
 # with its loop over D (tl.range(flatten=True): one software pipeline across tile boundaries; sm_90 AOT: the
 # 128 x 256 tile's 45 register spills of the nested loops disappear).
