@@ -57,7 +57,7 @@ from lmforge.cce import gemm_impl  # noqa: E402
 from lmforge.cce.benchmark import cuda_event_times  # noqa: E402
 from lmforge.cce.kernels.forward import _add_target_logit, _store_split  # noqa: E402
 from lmforge.cce.kernels.tma_forward import lse_tma_kernel, row_block  # noqa: E402
-from lmforge.cce.triton_impl import interpreting, vocab_order  # noqa: E402
+from lmforge.cce.triton_impl import _launch_kwargs, interpreting, vocab_order  # noqa: E402
 
 
 @triton.jit
@@ -132,7 +132,7 @@ def binned_forward(e, c, targets, cfg, *, splits=None, slab_bytes=None):
     valid = (targets >= 0) & (targets < vocab)
     e_desc = TensorDescriptor.from_tensor(e, [cfg["BLOCK_N"], cfg["BLOCK_D"]])
     c_desc = TensorDescriptor.from_tensor(c, [cfg["BLOCK_V"], cfg["BLOCK_D"]])
-    launch = {} if interpreting() else dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    launch = _launch_kwargs(cfg)
     binned_lse_kernel[(row_blocks, splits)](
         e_desc, c_desc, bucket, torch.where(valid, targets, -1), partial[0], partial[1], bins, n, vocab, v_per_split,
         UPCAST=interpreting(), BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BLOCK_D"],
@@ -154,7 +154,7 @@ def _launch_lse(e, c_part, targets, cfg, splits, perm=None, v_per_split=None, fl
     splits = triton.cdiv(cols, v_per_split)
     l_part = torch.empty((splits, n), dtype=torch.float32, device=e.device)
     tgt = torch.zeros(n, dtype=torch.float32, device=e.device)
-    launch = {} if interpreting() else dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    launch = _launch_kwargs(cfg)
     # One slab per split when gathering (the splits are the table's slabs), else one slab cut in `splits`.
     slab, sub = (v_per_split, 1) if perm is not None else (cols, splits)
     lse_tma_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), splits)](

@@ -153,8 +153,8 @@ def fit_shared_memory(kernel: str, cfg: dict, limit: int, elem_bytes: int, arch:
     backward's dz kernel (:mod:`lmforge.cce.kernels.tma_grad`), which shares its configuration, also stages
     its dz stores in shared memory: BLOCK_N x BLOCK_V bytes more (32 KiB at 128 x 256, Triton 3.6)."""
     cfg = dict(cfg)
-    staging = (lambda c: c["BLOCK_N"] * c["BLOCK_V"]) if kernel == "tma" else (lambda c: 0)
-    while shared_memory_bytes(kernel, cfg, elem_bytes, arch) + staging(cfg) + SHARED_MARGIN > limit:
+    while (shared_memory_bytes(kernel, cfg, elem_bytes, arch) + SHARED_MARGIN
+           + (cfg["BLOCK_N"] * cfg["BLOCK_V"] if kernel == "tma" else 0)) > limit:
         if cfg["num_stages"] > 2:
             cfg["num_stages"] -= 1
         elif cfg["BLOCK_V"] > 64:

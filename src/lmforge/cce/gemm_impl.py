@@ -39,7 +39,8 @@ import os
 import torch
 
 from lmforge.cce import configs
-from lmforge.cce.triton_impl import HAS_TRITON, _accumulate_matmul, _num_sms, combine_splits, interpreting
+from lmforge.cce.triton_impl import (HAS_TRITON, _accumulate_matmul, _launch_kwargs, _num_sms, combine_splits,
+                                     interpreting)
 
 if HAS_TRITON:
     import triton
@@ -263,7 +264,7 @@ def _forward_stats_tma(e, c, slab_bias, slab_targets, *, softcap, need_sum, need
     tgt = torch.zeros(n, **f32)
     e_desc = TensorDescriptor.from_tensor(e, [cfg["BLOCK_N"], cfg["BLOCK_D"]])
     c_desc = TensorDescriptor.from_tensor(c, [cfg["BLOCK_V"], cfg["BLOCK_D"]])
-    launch = {} if interpreting() else dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    launch = _launch_kwargs(cfg)
     lse_tma_kernel[(n_blocks, n_slab * sub)](
         e_desc, c_desc, c, perm if perm is not None else slab_targets,
         slab_bias if slab_bias is not None else l_part, slab_targets,
@@ -363,9 +364,8 @@ def _logit_grad_tma(e, c_rows, slab_bias, slab_targets, vectors, softcap, grads:
     e_desc = TensorDescriptor.from_tensor(e, [cfg["BLOCK_N"], cfg["BLOCK_D"]])
     c_desc = TensorDescriptor.from_tensor(c_rows, [cfg["BLOCK_V"], cfg["BLOCK_D"]])
     options = dict(D=d, HAS_BIAS=slab_bias is not None, HAS_SOFTCAP=softcap is not None, UPCAST=interpreting(),
-                   BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BLOCK_D"], FLATTEN=True, **grads)
-    if not interpreting():
-        options.update(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                   BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BLOCK_D"], FLATTEN=True, **grads,
+                   **_launch_kwargs(cfg))
     bias = slab_bias if slab_bias is not None else e  # never read without HAS_BIAS
     cap = float(softcap) if softcap is not None else 1.0
 
