@@ -53,6 +53,11 @@ def test_tma_forward_matches_float64_and_the_slab_forward(monkeypatch, dtype, co
         torch.testing.assert_close(got, slab, rtol=1e-5, atol=1e-5)
 
 
+def force_plan(monkeypatch, rows, piece):
+    """Make gemm_impl.backward split rows into chunks of ``rows`` and slabs into ``piece``-column pieces."""
+    monkeypatch.setattr(gemm_impl, "backward_plan", lambda n, d, v, cols, **kw: (min(rows, n), min(piece, cols)))
+
+
 @pytest.mark.parametrize("pieces", [False, True])
 @pytest.mark.parametrize("filter_eps", [None, 2.0 ** -10])
 def test_gemm_loss_with_the_tma_forward_matches_float64(monkeypatch, filter_eps, pieces):
@@ -60,8 +65,8 @@ def test_gemm_loss_with_the_tma_forward_matches_float64(monkeypatch, filter_eps,
     # filtered backward exactly as the cuBLAS forward's does.
     monkeypatch.setenv("LMFORGE_CCE_TMA", "1")
     monkeypatch.setenv("LMFORGE_CCE_SLAB_MB", str(32 * N * 4 / 2**20))
-    if pieces:  # the backward visits each 32-column slab in two pieces
-        monkeypatch.setenv("LMFORGE_CCE_DZ_MB", str(16 * N * 2 / 2**20))
+    if pieces:  # the backward runs over three row chunks and visits each 32-column slab in two pieces
+        force_plan(monkeypatch, 16, 16)
     monkeypatch.setattr(gemm_impl, "FILTER_MIN_D", 1)  # this small shape filters too
     e, c, t, b = make_inputs(torch.bfloat16, ignore_frac=0.2, with_bias=True, scale=3.0)
     out = linear_cross_entropy(e, c, t, bias=b, impl="gemm", softcap=5.0, filter_eps=filter_eps,
@@ -73,7 +78,7 @@ def test_gemm_loss_with_the_tma_forward_matches_float64(monkeypatch, filter_eps,
         assert rel_err(got, want) < 1.2e-2
 
 
-@pytest.mark.parametrize("pieces", [False, True])  # each slab whole, or in 16-column pieces
+@pytest.mark.parametrize("pieces", [False, True])  # each slab whole, or in 16-column pieces and 16-row chunks
 @pytest.mark.parametrize("cols", [32, V])  # several slabs (the last ragged), one slab
 @pytest.mark.parametrize("sorted_order", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
@@ -84,8 +89,7 @@ def test_tma_logit_gradient_matches_float64_and_the_slab_backward(monkeypatch, c
     e, c, b = e.detach(), c.detach(), b.detach()
     monkeypatch.setenv("LMFORGE_CCE_SLAB_MB", str(cols * N * 4 / 2**20))
     if pieces:
-        monkeypatch.setenv("LMFORGE_CCE_DZ_MB", str(16 * N * 2 / 2**20))
-        assert gemm_impl.piece_columns(N, cols, 2) == 16 and gemm_impl.piece_columns(N, cols, 4) == 16
+        force_plan(monkeypatch, 16, 16)
     g = torch.Generator().manual_seed(5)
     grads = [(torch.randn(N, generator=g, dtype=torch.float64) / N) for _ in range(4)]
     perm = torch.randperm(V, generator=torch.Generator().manual_seed(3)).to(DEVICE, torch.int32) \
@@ -103,17 +107,18 @@ def test_tma_logit_gradient_matches_float64_and_the_slab_backward(monkeypatch, c
         results[tma] = gemm_impl.backward(e, c, b, t, lse.float().to(DEVICE), mu.detach().float().to(DEVICE),
                                           *(gr.float().to(DEVICE) for gr in grads), softcap=3.0, need_db=True,
                                           perm=perm)
-    assert max(widths) == (16 if pieces else min(cols, V)) and sum(widths) == 2 * V  # each column once per run
+    chunks = -(-N // 16) if pieces else 1
+    assert max(widths) == (16 if pieces else min(cols, V)) and sum(widths) == 2 * chunks * V  # once per chunk
     for got, slab, want in zip(results["1"], results["0"], (e64.grad, c64.grad, b64.grad)):
         assert rel_err(got, want) < 1e-2
         assert rel_err(got, slab) < 1e-2  # dz rounds to bf16 in both; their fp32 products may differ
 
 
 @pytest.mark.parametrize("value", ["abc", "0", "-1"])
-def test_a_bad_piece_budget_is_a_clear_error(monkeypatch, value):
-    monkeypatch.setenv("LMFORGE_CCE_DZ_MB", value)
-    with pytest.raises(ValueError, match="LMFORGE_CCE_DZ_MB"):
-        gemm_impl.piece_columns(N, 32, 2)
+def test_a_bad_backward_budget_is_a_clear_error(monkeypatch, value):
+    monkeypatch.setenv("LMFORGE_CCE_BWD_MB", value)
+    with pytest.raises(ValueError, match="LMFORGE_CCE_BWD_MB"):
+        gemm_impl.backward_budget(N, D, V, 2)
 
 
 def test_tma_applies_only_where_a_descriptor_can_read_the_rows(monkeypatch):

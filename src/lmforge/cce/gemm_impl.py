@@ -133,25 +133,115 @@ def _logits_into(out: torch.Tensor, e: torch.Tensor, c_slab: torch.Tensor) -> No
     torch.mm(e.float(), c_slab.float().t(), out=out)
 
 
-def piece_columns(n: int, cols_per_slab: int, elem_bytes: int, piece_bytes: int | None = None) -> int:
-    """Columns of one backward piece: the backward visits each slab in pieces whose logit gradient (n x
-    piece, ``elem_bytes`` per entry: the dz buffer, or cuBLAS's fp32 logits) fits ``piece_bytes``
-    (``LMFORGE_CCE_DZ_MB``; default: the whole slab). Smaller pieces shrink the backward's workspace at the
-    price of more, smaller products; the filter's plan (rows per slab) is unchanged. Whole 256-column
-    tiles unless the slab is narrower."""
-    if piece_bytes is None:
-        mb = os.environ.get("LMFORGE_CCE_DZ_MB")
-        if mb is None:
-            return cols_per_slab
-        try:
-            piece_bytes = int(float(mb) * 2**20)
-        except ValueError:
-            raise ValueError(f"LMFORGE_CCE_DZ_MB must be a number of MiB, got {mb!r}") from None
-        if piece_bytes <= 0:
-            raise ValueError(f"LMFORGE_CCE_DZ_MB must be > 0, got {mb!r}")
-    cols = piece_bytes // (elem_bytes * max(n, 1))
-    cols = cols // 256 * 256 if cols >= 256 else max(16, cols)
-    return min(cols, cols_per_slab)
+# The backward's workspace, beyond dE and dC themselves: the fp32 dE accumulator of the rows in hand, the
+# logit-gradient buffer (dz, or cuBLAS's fp32 logits), and in the sorted order the rows in depth order and the
+# gathered classifier piece. In the vocabulary order it stays within BWD_SHARE of the gradients' own bytes
+# (dE + dC), or BWD_MIN_BYTES where that is more (small problems are not cut into many tiny products): at
+# Gemma 2 2B's shape a whole slab's workspace was 100 MiB (9% of dE + dC), two row chunks of half slabs take
+# 52 MiB for 1.7 ms more per forward+backward (H200, 65.1 against 63.4 ms; the issue's target is 5%).
+BWD_SHARE = 0.045
+BWD_MIN_BYTES = 48 << 20
+# The sorted order (gradient filtering) runs fewer rows per slab, so its products are smaller and cutting
+# them further leaves the GPU waiting for the host (~40 us per launch on the H200's host, ~7 launches per
+# step). Gemma 2 2B, calibrated data, filter "auto", forced plans (fwd+bwd ms / kernel ms / peak MiB; call 4
+# of 2026-11-30, docs/cce-tuning.md): one chunk of whole slabs 40.8 / 35.8 / 1318; two chunks 41.2 / 37.2 /
+# 1268; two chunks of half slabs 58.9 / 39.4 / 1243; four chunks 57.9 / 41.0 / 1225; four chunks of half
+# slabs 65-93 / 44.4 / 1208. So by default the sorted order takes SORTED_CHUNKS row chunks of whole slabs
+# whatever the budget (LMFORGE_CCE_BWD_MB, when set, applies to it too).
+SORTED_CHUNKS = 2
+# Every row chunk after the first adds one bf16 rounding of a partial dC: with a near-uniform softmax (the
+# filter then keeps every row, so the backward runs in vocabulary order) that rounding is dC's whole error,
+# and k equal chunks multiply it by about sqrt((k + 1) / 2) (Gaussian data: 1.22 for two, 1.42 for three,
+# 1.58 for four), against the issue's bound of 1.5x torch's error. So the vocabulary order uses at most
+# EXACT_MAX_CHUNKS chunks where the budget allows (Gemma random: dC error 8.2e-4 with two, torch 7.7e-4);
+# the sorted order (peaked softmax, dC's error dominated by the products) is not capped.
+EXACT_MAX_CHUNKS = 2
+# backward_plan's price of one more (row chunk, slab piece) step, in bytes of memory traffic: ~7 launches at
+# ~40 us of host work each, ~1.3 GB at the H200's ~4.8 TB/s, against products that shrink with the step.
+STEP_BYTES = 1 << 30
+
+
+def backward_budget(n: int, d: int, vocab: int, elem_bytes: int) -> int | None:
+    """Bytes the GEMM backward's workspace may take in the vocabulary order (see BWD_SHARE); ``None`` where
+    ``LMFORGE_CCE_BWD_MB`` is unset: then the sorted order takes SORTED_CHUNKS chunks of whole slabs."""
+    mb = os.environ.get("LMFORGE_CCE_BWD_MB")
+    if mb is None:
+        return None
+    try:
+        budget = int(float(mb) * 2**20)
+    except ValueError:
+        raise ValueError(f"LMFORGE_CCE_BWD_MB must be a number of MiB, got {mb!r}") from None
+    if budget <= 0:
+        raise ValueError(f"LMFORGE_CCE_BWD_MB must be > 0, got {mb!r}")
+    return budget
+
+
+def default_budget(n: int, d: int, vocab: int, elem_bytes: int) -> int:
+    """The vocabulary order's default workspace budget: BWD_SHARE of dE + dC, at least BWD_MIN_BYTES."""
+    return max(int(BWD_SHARE * (n + vocab) * d * elem_bytes), BWD_MIN_BYTES)
+
+
+def sorted_rows(n: int) -> int:
+    """Rows per chunk of the sorted order's default: n / SORTED_CHUNKS, in whole 128-row tiles (8 rows below
+    512 rows, as in :func:`backward_plan`)."""
+    unit = 128 if n >= 512 else 8
+    return min(n, -(-(-(-n // SORTED_CHUNKS)) // unit) * unit)
+
+
+def backward_workspace(rows: int, piece: int, d: int, *, elem_bytes: int, dz_bytes: int, gather_rows: bool,
+                       gather_cols: bool, de_acc: bool) -> int:
+    """Bytes of :func:`backward`'s workspace for chunks of ``rows`` rows and slab pieces of ``piece`` columns:
+    the logit-gradient buffer (``dz_bytes`` per entry), the fp32 dE accumulator (``de_acc``), the rows in
+    depth order (``gather_rows``) and the gathered classifier piece (``gather_cols``)."""
+    return (rows * piece * dz_bytes + (rows * d * 4 if de_acc else 0)
+            + (rows * d * elem_bytes if gather_rows else 0) + (piece * d * elem_bytes if gather_cols else 0))
+
+
+@functools.lru_cache(maxsize=256)
+def backward_plan(n: int, d: int, vocab: int, cols_per_slab: int, *, elem_bytes: int, dz_bytes: int,
+                  gather_rows: bool, gather_cols: bool, de_acc: bool, budget: int,
+                  max_chunks: int | None = None) -> tuple[int, int]:
+    """(rows per chunk, columns per piece) for :func:`backward`: the cheapest split into at most
+    ``max_chunks`` row chunks whose :func:`backward_workspace` fits ``budget`` (else the cheapest that fits
+    with more chunks; the smallest workspace if none does).
+
+    The backward runs over row chunks (outer) and, within each, over the slabs in pieces. Whole slabs and all
+    rows in one chunk are cheapest; the price, in bytes of memory traffic plus STEP_BYTES per step: every
+    product adds into the chunk's fp32 dE accumulator (read and written: narrow pieces cost more), and every
+    chunk after the first reads the classifier again and adds its partial dC into dC (read and written: one
+    more bf16 rounding of dC per chunk, so few chunks are also the more exact). Rows come in multiples of
+    128 (whole tiles) and pieces of 256 columns, where the problem is that large.
+    """
+    row_unit = 128 if n >= 512 else 8
+    col_unit = 256 if cols_per_slab >= 1024 else 16
+    n_slab = -(-vocab // cols_per_slab)
+    classifier = vocab * d * elem_bytes * (2 if gather_cols else 1)  # read (and gathered) once per chunk
+    fits, smallest = None, None
+    seen = set()
+    for chunks in range(1, -(-n // row_unit) + 1):
+        rows = min(n, -(-(-(-n // chunks)) // row_unit) * row_unit)
+        if rows in seen:
+            continue
+        seen.add(rows)
+        n_chunks = -(-n // rows)
+        for parts in range(1, -(-cols_per_slab // col_unit) + 1):
+            piece = min(cols_per_slab, -(-(-(-cols_per_slab // parts)) // col_unit) * col_unit)
+            n_parts = -(-cols_per_slab // piece)
+            if parts > 1 and n_parts != parts:
+                continue  # the same piece width as fewer parts
+            steps = n_chunks * n_slab * n_parts
+            cost = (steps * (STEP_BYTES + (rows * d * 8 if de_acc else 0))
+                    + n_chunks * 2 * classifier + (n_chunks - 1) * 2 * classifier)
+            space = backward_workspace(rows, piece, d, elem_bytes=elem_bytes, dz_bytes=dz_bytes,
+                                       gather_rows=gather_rows, gather_cols=gather_cols, de_acc=de_acc)
+            over = max_chunks is not None and n_chunks > max_chunks
+            if space <= budget and (fits is None or (over, cost, steps) < fits[0]):
+                fits = ((over, cost, steps), rows, piece)
+            if smallest is None or space < smallest[0]:
+                smallest = (space, rows, piece)
+            if space <= budget:
+                break  # more parts cost more steps and fit no better
+    return (fits[1], fits[2]) if fits is not None else (smallest[1], smallest[2])
 
 
 def _slab_view(buffer: torch.Tensor, n: int, cols: int) -> torch.Tensor:
@@ -387,10 +477,13 @@ def backward(e, c, bias, targets, lse, mean_logit, g_lse, g_tgt, g_sum, g_mu, *,
     g_tgt are: then rows are ordered by :func:`row_depths` (deepest first) and slab k's products run over
     the leading rows that still need it, so every row loses at most ``filter_eps`` of its softmax mass to
     skipped slabs and the skipped work is never done (unless rows would keep >= ``DENSE_SHARE`` of the
-    work: then the backward is exact). dE is accumulated in float32 and returned in
-    ``de_dtype`` (default e's dtype). Each slab is visited in pieces of :func:`piece_columns` columns
-    (``LMFORGE_CCE_DZ_MB``; by default one piece per slab), which bounds the dz (or fp32 logit) buffer and
-    the sorted order's gathered classifier rows.
+    work: then the backward is exact). dE is accumulated in float32 and returned in ``de_dtype`` (default
+    e's dtype).
+
+    The workspace stays within :func:`backward_budget`: :func:`backward_plan` splits the rows into chunks
+    (each with its own fp32 dE accumulator; the sorted order gathers each chunk's rows) and the slabs into
+    pieces. With more than one chunk, dC is the sum of the chunks' parts, each added in fp32 to the rounded
+    sum of those before (at most a few chunks at the shapes measured).
     """
     n, d = e.shape
     vocab = c.shape[0]
@@ -410,74 +503,113 @@ def backward(e, c, bias, targets, lse, mean_logit, g_lse, g_tgt, g_sum, g_mu, *,
             slab_targets, slab_bias = targets, bias
         else:  # rows deepest first: slab k's kept rows are the leading counts[k]
             order = torch.argsort(depth, descending=True, stable=True)
-            e = e.index_select(0, order)
             vectors = tuple(v.index_select(0, order) for v in vectors)
             slab_targets = slab_targets.index_select(0, order)
         del depth
     # The logit slab (fp32) that cuBLAS writes and dz overwrites, or with the TMA kernel dz alone.
     tma = tma_applies(e, c, backward=True)
-    piece = piece_columns(n, cols_per_slab, e.element_size() if tma else 4)
-    buffer = torch.empty(n * piece, dtype=e.dtype if tma else torch.float32, device=e.device)
-    de32 = torch.zeros((n, d), dtype=torch.float32, device=e.device) if need_de else None
+    out_dtype = de_dtype or e.dtype
+    # fp32 dE in the tokens' own row order (vocabulary-parallel ranks) is accumulated in the output itself.
+    de_direct = need_de and out_dtype == torch.float32 and order is None
+    budget = backward_budget(n, d, vocab, e.element_size())
+    if budget is None and order is not None:  # the sorted order's default (see SORTED_CHUNKS)
+        rows, piece = sorted_rows(n), cols_per_slab
+    else:
+        rows, piece = backward_plan(n, d, vocab, cols_per_slab, elem_bytes=e.element_size(),
+                                    dz_bytes=e.element_size() if tma else 4, gather_rows=order is not None,
+                                    gather_cols=perm is not None, de_acc=need_de and not de_direct,
+                                    budget=budget if budget is not None else default_budget(n, d, vocab,
+                                                                                            e.element_size()),
+                                    max_chunks=EXACT_MAX_CHUNKS if perm is None else None)
+    chunks = -(-n // rows)
+    buffer = torch.empty(rows * piece, dtype=e.dtype if tma else torch.float32, device=e.device)
+    de = torch.zeros((n, d), dtype=out_dtype, device=e.device) if de_direct else None
+    de32 = torch.zeros((rows, d), dtype=torch.float32, device=e.device) if need_de and not de_direct else None
+    if de32 is not None and chunks > 1:  # filled chunk by chunk (one chunk: converted once the slabs are done)
+        de = torch.empty((n, d), dtype=out_dtype, device=e.device)
     dc = torch.empty_like(c, memory_format=torch.contiguous_format) if need_dc else None
     db32 = torch.zeros(vocab, dtype=torch.float32, device=c.device) if need_db else None
-    # The sorted order gathers each classifier slab into c_buffer; once dE has used it, the slab's dC is
+    # The sorted order gathers each classifier piece into c_buffer; once dE has used it, the piece's dC is
     # formed there too before it is scattered back to the tokens' rows.
     c_buffer = torch.empty((piece, d), dtype=c.dtype, device=c.device) if perm is not None else None
+    e_buffer = torch.empty((rows, d), dtype=e.dtype, device=e.device) if order is not None else None
     # dz lives in the logit buffer: in the inputs' dtype, row i over the first bytes of row i of z.
     narrow = buffer.view(e.dtype) if e.dtype != torch.float32 else buffer
     per_z = narrow.numel() // buffer.numel()  # elements of dz per element of z (2 for 16-bit inputs)
-    out_dtype = de_dtype or e.dtype
     grads = dict(HAS_G_LSE=g_lse is not None, HAS_G_TGT=g_tgt is not None,
                  HAS_G_SUM=g_sum is not None, HAS_G_MU=g_mu is not None)
-    # The TMA kernel reads the classifier's slab rows where they are: in c itself (vocabulary order) or in
-    # the gathered buffer (sorted order).
-    grad_tma = _logit_grad_tma(e, c if perm is None else c_buffer, slab_bias, slab_targets, vectors, softcap,
-                               grads) if tma else None
-    z = dz = e_rows = c_slab = dc_slab = None
-    for index, slab_start in enumerate(range(0, vocab, cols_per_slab)):
-        k = counts[index]  # rows 0 .. k-1 (in row order) visit this slab
-        slab_end = min(slab_start + cols_per_slab, vocab)
-        for start in range(slab_start, slab_end, piece):
-            cols = min(piece, slab_end - start)
-            if need_dc:
-                dc_slab = dc[start:start + cols] if perm is None else c_buffer[:cols]
-            if k == 0:
-                if dc_slab is not None:
-                    dc_slab.zero_()
-            else:
-                c_slab = _classifier_slab(c, perm, start, cols, c_buffer)
-                e_rows = e[:k]
-                if tma:
-                    dz = buffer[: k * cols].view(k, cols)
-                    grad_tma(k, start if perm is None else 0, cols, start, dz)
+    z = dz = c_slab = dc_slab = grad_tma = None
+    for chunk in range(chunks):
+        r0 = chunk * rows
+        m = min(rows, n - r0)
+        if order is not None:  # this chunk's rows, deepest first
+            e_chunk = torch.index_select(e, 0, order[r0:r0 + m], out=e_buffer[:m])
+        else:
+            e_chunk = e[r0:r0 + m]
+        chunk_vectors = tuple(v[r0:r0 + m] for v in vectors)
+        chunk_targets = slab_targets[r0:r0 + m]
+        acc = de[r0:r0 + m] if de_direct else (de32[:m].zero_() if de32 is not None else None)
+        # The TMA kernel reads the classifier's rows where they are: in c itself (vocabulary order) or in
+        # the gathered buffer (sorted order).
+        if tma:
+            grad_tma = _logit_grad_tma(e_chunk, c if perm is None else c_buffer, slab_bias, chunk_targets,
+                                       chunk_vectors, softcap, grads)
+        for index, slab_start in enumerate(range(0, vocab, cols_per_slab)):
+            k = min(max(counts[index] - r0, 0), m)  # the chunk's rows 0 .. k-1 visit this slab
+            if k == 0 and chunk > 0:
+                continue  # the first chunk wrote this slab's dC (zeros where no row visits it)
+            slab_end = min(slab_start + cols_per_slab, vocab)
+            for start in range(slab_start, slab_end, piece):
+                cols = min(piece, slab_end - start)
+                if need_dc:
+                    dc_slab = dc[start:start + cols] if perm is None else c_buffer[:cols]
+                if k == 0:
+                    if dc_slab is not None:
+                        dc_slab.zero_()
                 else:
-                    z = _slab_view(buffer, k, cols)
-                    _logits_into(z, e_rows, c_slab)
-                    dz = narrow[: k * cols * per_z].view(k, cols * per_z)[:, :cols]
-                    slab_grad_kernel[(triton.cdiv(k, cfg["BLOCK_N"]),)](
-                        z, dz, slab_bias if slab_bias is not None else z, slab_targets, *vectors,
-                        k, cols, start, z.stride(0), dz.stride(0), float(softcap) if softcap is not None else 1.0,
-                        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
-                        BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], **grads, **_launch(cfg),
-                    )
-                if need_de:
-                    _accumulate_matmul(de32[:k], dz, c_slab)
-                if dc_slab is not None:  # after dE: in the sorted order it overwrites the gathered c_slab
-                    torch.mm(dz.t(), e_rows, out=dc_slab)
-                if need_db:
-                    db_slab = dz.sum(dim=0, dtype=torch.float32)
-                    if perm is None:
-                        db32[start:start + cols] += db_slab
+                    c_slab = _classifier_slab(c, perm, start, cols, c_buffer)
+                    if tma:
+                        dz = buffer[: k * cols].view(k, cols)
+                        grad_tma(k, start if perm is None else 0, cols, start, dz)
                     else:
-                        db32.index_add_(0, perm[start:start + cols].long(), db_slab)
-            if dc_slab is not None and perm is not None:
-                dc.index_copy_(0, perm[start:start + cols].long(), dc_slab)
-    # Free the workspace (the views hold the slab's storage) and the permuted rows before dE's conversion,
-    # so that the conversion's copies do not add to the slab's peak.
-    z = dz = e_rows = c_slab = dc_slab = narrow = buffer = c_buffer = e = grad_tma = None
-    de = None
-    if need_de:
+                        z = _slab_view(buffer, k, cols)
+                        _logits_into(z, e_chunk[:k], c_slab)
+                        dz = narrow[: k * cols * per_z].view(k, cols * per_z)[:, :cols]
+                        slab_grad_kernel[(triton.cdiv(k, cfg["BLOCK_N"]),)](
+                            z, dz, slab_bias if slab_bias is not None else z, chunk_targets, *chunk_vectors,
+                            k, cols, start, z.stride(0), dz.stride(0),
+                            float(softcap) if softcap is not None else 1.0,
+                            HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
+                            BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], **grads, **_launch(cfg),
+                        )
+                    if acc is not None:
+                        _accumulate_matmul(acc[:k], dz, c_slab)
+                    if dc_slab is not None:  # after dE: in the sorted order it overwrites the gathered c_slab
+                        if chunk == 0:
+                            torch.mm(dz.t(), e_chunk[:k], out=dc_slab)
+                        else:  # add this chunk's part to what the earlier chunks left in dC
+                            if perm is not None:
+                                torch.index_select(dc, 0, perm[start:start + cols], out=dc_slab)
+                            dc_slab.addmm_(dz.t(), e_chunk[:k])
+                    if need_db:
+                        db_slab = dz.sum(dim=0, dtype=torch.float32)
+                        if perm is None:
+                            db32[start:start + cols] += db_slab
+                        else:
+                            db32.index_add_(0, perm[start:start + cols].long(), db_slab)
+                if dc_slab is not None and perm is not None:
+                    dc.index_copy_(0, perm[start:start + cols].long(), dc_slab)
+        if de32 is not None and chunks > 1:  # the chunk's dE, rounded once, into the tokens' rows
+            if order is None:
+                de[r0:r0 + m].copy_(de32[:m])
+            else:
+                rounded = e_buffer[:m] if e_buffer.dtype == out_dtype else torch.empty((m, d), dtype=out_dtype,
+                                                                                        device=e.device)
+                de.index_copy_(0, order[r0:r0 + m], rounded.copy_(de32[:m]))
+    # Free the workspace (the views hold the slab's storage) and the permuted rows before a single chunk's
+    # dE is converted, so that the conversion's copies do not add to the slab's peak.
+    z = dz = e_chunk = c_slab = dc_slab = narrow = buffer = c_buffer = e_buffer = grad_tma = acc = None
+    if de32 is not None and chunks == 1:
         de = de32.to(out_dtype)
         if order is not None:  # back to the tokens' own rows
             de32 = None

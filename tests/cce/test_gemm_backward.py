@@ -1,0 +1,179 @@
+"""The GEMM backward's workspace plan: row chunks and slab pieces (gemm_impl.backward_plan) and the chunked
+backward against the one-chunk backward and float64, in vocabulary order and in the filter's sorted order.
+
+On the CPU the Triton passes run under the interpreter; on an H200 the same tests run compiled.
+"""
+
+import itertools
+
+import pytest
+import torch
+
+from lmforge.cce import gemm_impl
+from tests.cce.test_api import D, N, V, make_inputs, rel_err
+from tests.cce.test_tma_forward import float64_stats, force_plan
+from tests.conftest import DEVICE
+
+GEMMA = dict(n=8192, d=2304, vocab=256000)
+
+
+def plan_and_space(n, d, vocab, budget, *, sorted_order=False, tma=True, max_chunks=None, de_acc=True):
+    cols = gemm_impl.slab_columns(n, vocab)
+    kw = dict(elem_bytes=2, dz_bytes=2 if tma else 4, gather_rows=sorted_order, gather_cols=sorted_order,
+              de_acc=de_acc)
+    rows, piece = gemm_impl.backward_plan(n, d, vocab, cols, budget=budget, max_chunks=max_chunks, **kw)
+    return rows, piece, cols, gemm_impl.backward_workspace(rows, piece, d, **kw), kw
+
+
+@pytest.mark.parametrize("n,d,vocab", [(8192, 2304, 256000), (8192, 4096, 128256), (8192, 576, 49152),
+                                       (2048, 2304, 256000), (32768, 2304, 256000), (300, 64, 5000)])
+@pytest.mark.parametrize("sorted_order", [False, True])
+@pytest.mark.parametrize("tma", [False, True])
+def test_backward_plan_fits_its_budget_and_keeps_whole_slabs_when_it_can(n, d, vocab, sorted_order, tma):
+    cols = gemm_impl.slab_columns(n, vocab)
+    whole = gemm_impl.backward_workspace(n, cols, d, elem_bytes=2, dz_bytes=2 if tma else 4,
+                                         gather_rows=sorted_order, gather_cols=sorted_order, de_acc=True)
+    assert plan_and_space(n, d, vocab, whole, sorted_order=sorted_order, tma=tma)[:2] == (n, cols)
+    steps_before = 0
+    for share in (1.0, 0.5, 0.25, 0.1, 0.05, 0.02):
+        budget = int(share * whole)
+        rows, piece, _, space, kw = plan_and_space(n, d, vocab, budget, sorted_order=sorted_order, tma=tma)
+        assert 0 < rows <= n and 0 < piece <= cols
+        # Every (rows, piece) on the plan's grid that fits: the plan fits whenever one of them does.
+        unit_r, unit_c = (128 if n >= 512 else 8), (256 if cols >= 1024 else 16)
+        grid = itertools.product(range(unit_r, n + unit_r, unit_r), range(unit_c, cols + unit_c, unit_c))
+        if any(gemm_impl.backward_workspace(min(r, n), min(p, cols), d, **kw) <= budget for r, p in grid):
+            assert space <= budget
+        steps = -(-n // rows) * -(-cols // piece)
+        assert steps >= steps_before  # a smaller budget never takes fewer steps
+        steps_before = steps
+
+
+def test_backward_plan_meets_the_issue_memory_target_at_gemma_shape():
+    # dE + dC of Gemma 2 2B's shape in bf16; the vocabulary order's default budget, the target 1.05x of them.
+    grads = (GEMMA["n"] + GEMMA["vocab"]) * GEMMA["d"] * 2
+    budget = gemm_impl.default_budget(GEMMA["n"], GEMMA["d"], GEMMA["vocab"], 2)
+    assert budget <= 0.046 * grads
+    rows, piece, cols, space, _ = plan_and_space(**GEMMA, budget=budget, max_chunks=gemm_impl.EXACT_MAX_CHUNKS)
+    assert space <= budget and space + 4 * 2**20 <= 0.05 * grads  # room for the forward's saved tables
+    assert -(-GEMMA["n"] // rows) <= gemm_impl.EXACT_MAX_CHUNKS  # at most two roundings of dC
+    assert gemm_impl.sorted_rows(GEMMA["n"]) == GEMMA["n"] // gemm_impl.SORTED_CHUNKS
+
+
+def test_backward_plan_caps_chunks_only_while_the_budget_allows():
+    n, d, vocab = GEMMA["n"], GEMMA["d"], GEMMA["vocab"]
+    budget = 60 << 20
+    rows, _, _, space, _ = plan_and_space(n, d, vocab, budget, max_chunks=2)
+    assert -(-n // rows) <= 2 and space <= budget
+    rows_free = plan_and_space(n, d, vocab, budget)[0]
+    assert rows_free <= rows  # uncapped, the cheaper plan may use more chunks
+    tiny = 20 << 20  # two chunks cannot fit: the budget wins over the cap
+    rows, _, _, space, _ = plan_and_space(n, d, vocab, tiny, max_chunks=2)
+    assert -(-n // rows) > 2 and space <= tiny
+
+
+def test_backward_budget_default_and_override(monkeypatch):
+    monkeypatch.delenv("LMFORGE_CCE_BWD_MB", raising=False)
+    n, d, vocab = GEMMA["n"], GEMMA["d"], GEMMA["vocab"]
+    assert gemm_impl.backward_budget(n, d, vocab, 2) is None  # the defaults: a share, or two sorted chunks
+    assert gemm_impl.default_budget(n, d, vocab, 2) == int(gemm_impl.BWD_SHARE * (n + vocab) * d * 2)
+    assert gemm_impl.default_budget(8192, 576, 49152, 2) == gemm_impl.BWD_MIN_BYTES  # small problems
+    monkeypatch.setenv("LMFORGE_CCE_BWD_MB", "300")
+    assert gemm_impl.backward_budget(n, d, vocab, 2) == 300 << 20
+
+
+def backward_inputs(dtype):
+    e, c, t, b = make_inputs(dtype, ignore_frac=0.2, with_bias=True, scale=3.0)
+    e, c, b = e.detach(), c.detach(), b.detach()
+    g = torch.Generator().manual_seed(7)
+    g_lse = (torch.rand(N, generator=g) + 0.5).to(DEVICE) / N
+    return e, c, t, b, g_lse
+
+
+def sorted_table(e, c, b, t, perm):
+    table = torch.empty((gemm_impl.n_slabs(N, V), N), dtype=torch.float32, device=DEVICE)
+    stats = gemm_impl.forward_stats(e, c, b, t, softcap=3.0, perm=perm, slab_lse=table)
+    return stats, table
+
+
+@pytest.mark.parametrize("dtype,tma", [(torch.float32, "0"), (torch.bfloat16, "0"), (torch.bfloat16, "1")],
+                         ids=["fp32", "bf16-cublas", "bf16-tma"])
+@pytest.mark.parametrize("sorted_order", [False, True])
+@pytest.mark.parametrize("plan", [(16, 16), (8, 32), (24, 8)])
+def test_chunked_backward_matches_one_chunk(monkeypatch, dtype, tma, sorted_order, plan):
+    # Rows in chunks (each with its own dE accumulator; in the sorted order each chunk gathers its rows,
+    # deepest first) and slabs in pieces: the same gradients as one chunk of whole slabs, up to dC's extra
+    # roundings between chunks (none in fp32 beyond the sum order). In the sorted order the filter drops
+    # slabs per row, so later chunks visit fewer slabs than the first.
+    monkeypatch.setenv("LMFORGE_CCE_TMA", tma)
+    monkeypatch.setenv("LMFORGE_CCE_SLAB_MB", str(32 * N * 4 / 2**20))
+    monkeypatch.setattr(gemm_impl, "DENSE_SHARE", 1.01)  # keep the sorted order however much rows keep
+    e, c, t, b, g_lse = backward_inputs(dtype)
+    perm = torch.randperm(V, generator=torch.Generator().manual_seed(3)).to(DEVICE, torch.int32) \
+        if sorted_order else None
+    stats, table = sorted_table(e, c, b, t, perm)
+    lse, tgt, _, mu = stats
+    kwargs = dict(softcap=3.0, need_db=True, perm=perm, slab_lse=table if sorted_order else None,
+                  filter_eps=0.05 if sorted_order else None)
+    if sorted_order:  # the filter really drops slabs for some rows, so the chunks differ in depth
+        targets, _ = gemm_impl._permuted(t, b, perm, V)
+        depth = gemm_impl.row_depths(table, lse, g_lse, -g_lse, targets, 32, 0.05)
+        assert depth.min() < depth.max()
+    results = []
+    for forced in ((N, 32), plan):
+        force_plan(monkeypatch, *forced)
+        results.append(gemm_impl.backward(e, c, b, t, lse, mu, g_lse, -g_lse, None, None, **kwargs))
+    tol = 1e-5 if dtype == torch.float32 else 4e-3
+    for whole, chunked in zip(*results):
+        assert whole.dtype == chunked.dtype and whole.shape == chunked.shape
+        assert rel_err(chunked, whole) < tol
+    if not sorted_order:  # exact: against float64 too
+        e64, c64, b64 = (x.cpu().double().requires_grad_() for x in (e, c, b))
+        lse64, tgt64, *_ = float64_stats(e64, c64, b64, t.cpu(), 3.0, None, V)
+        (g_lse.cpu().double() * (lse64 - tgt64)).sum().backward()
+        for got, want in zip(results[1], (e64.grad, c64.grad, b64.grad)):
+            assert rel_err(got, want) < (1e-5 if dtype == torch.float32 else 1.2e-2)
+
+
+@pytest.mark.parametrize("need", ["de", "dc", "de_fp32"])
+def test_chunked_backward_with_some_gradients_only(monkeypatch, need):
+    # dE alone, dC alone, and dE in fp32 (vocabulary-parallel ranks), which chunks accumulate in the
+    # output itself.
+    monkeypatch.setenv("LMFORGE_CCE_SLAB_MB", str(32 * N * 4 / 2**20))
+    e, c, t, b, g_lse = backward_inputs(torch.bfloat16)
+    lse, _, _, mu = gemm_impl.forward_stats(e, c, b, t, softcap=3.0)
+    kwargs = dict(softcap=3.0, need_de=need != "dc", need_dc=need == "dc",
+                  de_dtype=torch.float32 if need == "de_fp32" else None)
+    results = []
+    for forced in ((N, 32), (16, 16)):
+        force_plan(monkeypatch, *forced)
+        results.append(gemm_impl.backward(e, c, b, t, lse, mu, g_lse, -g_lse, None, None, **kwargs))
+    index = 1 if need == "dc" else 0
+    for whole, chunked in zip(*results):
+        assert (whole is None) == (chunked is None)
+    whole, chunked = results[0][index], results[1][index]
+    assert chunked.dtype == (torch.float32 if need == "de_fp32" else torch.bfloat16)
+    assert rel_err(chunked, whole) < (1e-6 if need == "de_fp32" else 4e-3)
+
+
+def test_the_sorted_order_takes_two_chunks_by_default(monkeypatch):
+    # Without LMFORGE_CCE_BWD_MB the filtered (sorted) backward runs sorted_rows(n) rows per chunk, whole
+    # slabs; the same gradients as one chunk.
+    monkeypatch.delenv("LMFORGE_CCE_BWD_MB", raising=False)
+    monkeypatch.setenv("LMFORGE_CCE_SLAB_MB", str(32 * N * 4 / 2**20))
+    monkeypatch.setattr(gemm_impl, "DENSE_SHARE", 1.01)
+    e, c, t, b, g_lse = backward_inputs(torch.bfloat16)
+    perm = torch.randperm(V, generator=torch.Generator().manual_seed(3)).to(DEVICE, torch.int32)
+    (lse, _, _, mu), table = sorted_table(e, c, b, t, perm)
+    kwargs = dict(softcap=3.0, perm=perm, slab_lse=table, filter_eps=0.05)
+    assert gemm_impl.sorted_rows(N) < N  # two chunks at this size too
+    calls = []
+    sorted_rows = gemm_impl.sorted_rows
+    monkeypatch.setattr(gemm_impl, "sorted_rows", lambda n: calls.append(n) or sorted_rows(n))
+    two = gemm_impl.backward(e, c, b, t, lse, mu, g_lse, -g_lse, None, None, **kwargs)
+    assert calls == [N]
+    force_plan(monkeypatch, N, 32)
+    one = gemm_impl.backward(e, c, b, t, lse, mu, g_lse, -g_lse, None, None, **kwargs)
+    assert two[2] is None and one[2] is None
+    for got, want in zip(two[:2], one[:2]):
+        assert rel_err(got, want) < 4e-3
