@@ -156,24 +156,44 @@ def test_chunked_backward_with_some_gradients_only(monkeypatch, need):
     assert rel_err(chunked, whole) < (1e-6 if need == "de_fp32" else 4e-3)
 
 
-def test_the_sorted_order_takes_two_chunks_by_default(monkeypatch):
-    # Without LMFORGE_CCE_BWD_MB the filtered (sorted) backward runs sorted_rows(n) rows per chunk, whole
-    # slabs; the same gradients as one chunk.
+@pytest.mark.parametrize("small", [False, True])
+@pytest.mark.parametrize("sorted_order", [False, True])
+def test_default_plans(monkeypatch, sorted_order, small):
+    # Without LMFORGE_CCE_BWD_MB: a small problem (dE + dC under SMALL_GRAD_BYTES) runs one chunk of whole
+    # slabs; else the filtered (sorted) backward runs sorted_rows(n) rows per chunk of whole slabs and the
+    # vocabulary order backward_plan's split within default_budget. Each gives one chunk's gradients.
     monkeypatch.delenv("LMFORGE_CCE_BWD_MB", raising=False)
     monkeypatch.setenv("LMFORGE_CCE_SLAB_MB", str(32 * N * 4 / 2**20))
     monkeypatch.setattr(gemm_impl, "DENSE_SHARE", 1.01)
+    if not small:
+        monkeypatch.setattr(gemm_impl, "SMALL_GRAD_BYTES", 0)
+        monkeypatch.setattr(gemm_impl, "BWD_MIN_BYTES", 0)  # a budget this small shape must split for
+        monkeypatch.setattr(gemm_impl, "BWD_SHARE", 0.05)
     e, c, t, b, g_lse = backward_inputs(torch.bfloat16)
-    perm = torch.randperm(V, generator=torch.Generator().manual_seed(3)).to(DEVICE, torch.int32)
+    perm = torch.randperm(V, generator=torch.Generator().manual_seed(3)).to(DEVICE, torch.int32) \
+        if sorted_order else None
     (lse, _, _, mu), table = sorted_table(e, c, b, t, perm)
-    kwargs = dict(softcap=3.0, perm=perm, slab_lse=table, filter_eps=0.05)
+    kwargs = dict(softcap=3.0, perm=perm, slab_lse=table if sorted_order else None,
+                  filter_eps=0.05 if sorted_order else None)
     assert gemm_impl.sorted_rows(N) < N  # two chunks at this size too
-    calls = []
-    sorted_rows = gemm_impl.sorted_rows
-    monkeypatch.setattr(gemm_impl, "sorted_rows", lambda n: calls.append(n) or sorted_rows(n))
-    two = gemm_impl.backward(e, c, b, t, lse, mu, g_lse, -g_lse, None, None, **kwargs)
-    assert calls == [N]
+    calls, plans = [], []
+
+    def spy(name, real):
+        def call(*args, **kwargs):
+            calls.append(name)
+            plans.append(real(*args, **kwargs))
+            return plans[-1]
+        return call
+
+    for name in ("sorted_rows", "backward_plan"):
+        monkeypatch.setattr(gemm_impl, name, spy(name, getattr(gemm_impl, name)))
+    default = gemm_impl.backward(e, c, b, t, lse, mu, g_lse, -g_lse, None, None, **kwargs)
+    assert calls == ([] if small else ["sorted_rows"] if sorted_order else ["backward_plan"])
+    if calls == ["backward_plan"]:
+        rows, piece = plans[0]
+        assert rows < N or piece < 32  # the budget really split it
     force_plan(monkeypatch, N, 32)
     one = gemm_impl.backward(e, c, b, t, lse, mu, g_lse, -g_lse, None, None, **kwargs)
-    assert two[2] is None and one[2] is None
-    for got, want in zip(two[:2], one[:2]):
+    assert default[2] is None and one[2] is None
+    for got, want in zip(default[:2], one[:2]):
         assert rel_err(got, want) < 4e-3

@@ -141,6 +141,11 @@ def _logits_into(out: torch.Tensor, e: torch.Tensor, c_slab: torch.Tensor) -> No
 # 52 MiB for 1.7 ms more per forward+backward (H200, 65.1 against 63.4 ms; the issue's target is 5%).
 BWD_SHARE = 0.045
 BWD_MIN_BYTES = 48 << 20
+# Problems whose dE + dC take less than SMALL_GRAD_BYTES keep one chunk of whole slabs by default: their
+# whole workspace is tens of MiB, and cutting it costs launches where the host already bounds the step
+# (SmolLM2, 8192 x 576 x 49152, H200 call 5 of 2026-11-30, fwd+bwd ms: real 4.05 / exact 3.81 with one
+# chunk against 4.31 / 4.30 with two, random 3.73 / 3.76 against 4.12 / 4.16; 136 against 104 MiB).
+SMALL_GRAD_BYTES = 256 << 20
 # The sorted order (gradient filtering) runs fewer rows per slab, so its products are smaller and cutting
 # them further leaves the GPU waiting for the host (~40 us per launch on the H200's host, ~7 launches per
 # step). Gemma 2 2B, calibrated data, filter "auto", forced plans (fwd+bwd ms / kernel ms / peak MiB; call 4
@@ -162,8 +167,9 @@ STEP_BYTES = 1 << 30
 
 
 def backward_budget(n: int, d: int, vocab: int, elem_bytes: int) -> int | None:
-    """Bytes the GEMM backward's workspace may take in the vocabulary order (see BWD_SHARE); ``None`` where
-    ``LMFORGE_CCE_BWD_MB`` is unset: then the sorted order takes SORTED_CHUNKS chunks of whole slabs."""
+    """Bytes the GEMM backward's workspace may take (``LMFORGE_CCE_BWD_MB``), or ``None`` where that is unset:
+    then small problems (SMALL_GRAD_BYTES) take one chunk of whole slabs, the sorted order SORTED_CHUNKS
+    chunks of whole slabs, and the vocabulary order :func:`default_budget`."""
     mb = os.environ.get("LMFORGE_CCE_BWD_MB")
     if mb is None:
         return None
@@ -512,7 +518,9 @@ def backward(e, c, bias, targets, lse, mean_logit, g_lse, g_tgt, g_sum, g_mu, *,
     # fp32 dE in the tokens' own row order (vocabulary-parallel ranks) is accumulated in the output itself.
     de_direct = need_de and out_dtype == torch.float32 and order is None
     budget = backward_budget(n, d, vocab, e.element_size())
-    if budget is None and order is not None:  # the sorted order's default (see SORTED_CHUNKS)
+    if budget is None and (n + vocab) * d * e.element_size() < SMALL_GRAD_BYTES:
+        rows, piece = n, cols_per_slab  # a small problem: one chunk of whole slabs
+    elif budget is None and order is not None:  # the sorted order's default (see SORTED_CHUNKS)
         rows, piece = sorted_rows(n), cols_per_slab
     else:
         rows, piece = backward_plan(n, d, vocab, cols_per_slab, elem_bytes=e.element_size(),
