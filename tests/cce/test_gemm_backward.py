@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lmforge.cce import gemm_impl
-from tests.cce.test_api import D, N, V, make_inputs, rel_err
+from tests.cce.test_api import N, V, make_inputs, rel_err
 from tests.cce.test_tma_forward import float64_stats, force_plan
 from tests.conftest import DEVICE
 
