@@ -75,11 +75,11 @@ def test_backward_plan_caps_chunks_only_while_the_budget_allows():
 def test_backward_budget_default_and_override(monkeypatch):
     monkeypatch.delenv("LMFORGE_CCE_BWD_MB", raising=False)
     n, d, vocab = GEMMA["n"], GEMMA["d"], GEMMA["vocab"]
-    assert gemm_impl.backward_budget(n, d, vocab, 2) is None  # the defaults: a share, or two sorted chunks
+    assert gemm_impl.backward_budget() is None  # the defaults: a share, or two sorted chunks
     assert gemm_impl.default_budget(n, d, vocab, 2) == int(gemm_impl.BWD_SHARE * (n + vocab) * d * 2)
     assert gemm_impl.default_budget(8192, 576, 49152, 2) == gemm_impl.BWD_MIN_BYTES  # small problems
     monkeypatch.setenv("LMFORGE_CCE_BWD_MB", "300")
-    assert gemm_impl.backward_budget(n, d, vocab, 2) == 300 << 20
+    assert gemm_impl.backward_budget() == 300 << 20
 
 
 def backward_inputs(dtype):

@@ -54,7 +54,9 @@ def test_tma_forward_matches_float64_and_the_slab_forward(monkeypatch, dtype, co
 
 
 def force_plan(monkeypatch, rows, piece):
-    """Make gemm_impl.backward split rows into chunks of ``rows`` and slabs into ``piece``-column pieces."""
+    """Make gemm_impl.backward split rows into chunks of ``rows`` and slabs into ``piece``-column pieces (a
+    budget is set, so that every order and size asks backward_plan)."""
+    monkeypatch.setenv("LMFORGE_CCE_BWD_MB", "1")
     monkeypatch.setattr(gemm_impl, "backward_plan", lambda n, d, v, cols, **kw: (min(rows, n), min(piece, cols)))
 
 
@@ -118,7 +120,7 @@ def test_tma_logit_gradient_matches_float64_and_the_slab_backward(monkeypatch, c
 def test_a_bad_backward_budget_is_a_clear_error(monkeypatch, value):
     monkeypatch.setenv("LMFORGE_CCE_BWD_MB", value)
     with pytest.raises(ValueError, match="LMFORGE_CCE_BWD_MB"):
-        gemm_impl.backward_budget(N, D, V, 2)
+        gemm_impl.backward_budget()
 
 
 def test_tma_applies_only_where_a_descriptor_can_read_the_rows(monkeypatch):

@@ -166,7 +166,7 @@ EXACT_MAX_CHUNKS = 2
 STEP_BYTES = 1 << 30
 
 
-def backward_budget(n: int, d: int, vocab: int, elem_bytes: int) -> int | None:
+def backward_budget() -> int | None:
     """Bytes the GEMM backward's workspace may take (``LMFORGE_CCE_BWD_MB``), or ``None`` where that is unset:
     then small problems (SMALL_GRAD_BYTES) take one chunk of whole slabs, the sorted order SORTED_CHUNKS
     chunks of whole slabs, and the vocabulary order :func:`default_budget`."""
@@ -486,10 +486,11 @@ def backward(e, c, bias, targets, lse, mean_logit, g_lse, g_tgt, g_sum, g_mu, *,
     work: then the backward is exact). dE is accumulated in float32 and returned in ``de_dtype`` (default
     e's dtype).
 
-    The workspace stays within :func:`backward_budget`: :func:`backward_plan` splits the rows into chunks
-    (each with its own fp32 dE accumulator; the sorted order gathers each chunk's rows) and the slabs into
-    pieces. With more than one chunk, dC is the sum of the chunks' parts, each added in fp32 to the rounded
-    sum of those before (at most a few chunks at the shapes measured).
+    The rows run in chunks (each with its own fp32 dE accumulator; the sorted order gathers each chunk's
+    rows) and the slabs in pieces, as :func:`backward_budget` says: by default :func:`backward_plan`'s split
+    within :func:`default_budget` in vocabulary order, :func:`sorted_rows` per chunk in the sorted order, one
+    chunk of whole slabs for small problems. With more than one chunk, dC is the sum of the chunks' parts,
+    each added in fp32 to the rounded sum of those before.
     """
     n, d = e.shape
     vocab = c.shape[0]
@@ -517,7 +518,7 @@ def backward(e, c, bias, targets, lse, mean_logit, g_lse, g_tgt, g_sum, g_mu, *,
     out_dtype = de_dtype or e.dtype
     # fp32 dE in the tokens' own row order (vocabulary-parallel ranks) is accumulated in the output itself.
     de_direct = need_de and out_dtype == torch.float32 and order is None
-    budget = backward_budget(n, d, vocab, e.element_size())
+    budget = backward_budget()
     if budget is None and (n + vocab) * d * e.element_size() < SMALL_GRAD_BYTES:
         rows, piece = n, cols_per_slab  # a small problem: one chunk of whole slabs
     elif budget is None and order is not None:  # the sorted order's default (see SORTED_CHUNKS)
