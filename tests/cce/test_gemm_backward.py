@@ -197,3 +197,25 @@ def test_default_plans(monkeypatch, sorted_order, small):
     assert default[2] is None and one[2] is None
     for got, want in zip(default[:2], one[:2]):
         assert rel_err(got, want) < 4e-3
+
+
+def test_the_plans_benchmark_forces_and_restores_plans(monkeypatch):
+    # bench/cce_backward_plans.py's forced(): inside it the backward runs the given plan whatever the order,
+    # size or default rules; afterwards the plan function and the user's budget are back.
+    from tests.conftest import load_bench_script
+
+    script = load_bench_script("cce_backward_plans")
+    assert script.parse_plan("4096x2048") == (4096, 2048) and script.parse_plan("default") is None
+    monkeypatch.setenv("LMFORGE_CCE_BWD_MB", "77")
+    monkeypatch.setenv("LMFORGE_CCE_SLAB_MB", str(32 * N * 4 / 2**20))
+    real_plan = gemm_impl.backward_plan
+    e, c, t, b, g_lse = backward_inputs(torch.bfloat16)
+    lse, _, _, mu = gemm_impl.forward_stats(e, c, b, t)
+    widths = []
+    classifier_slab = gemm_impl._classifier_slab
+    monkeypatch.setattr(gemm_impl, "_classifier_slab",
+                        lambda c, perm, start, w, buf: widths.append(w) or classifier_slab(c, perm, start, w, buf))
+    with script.forced((16, 8)):
+        gemm_impl.backward(e, c, b, t, lse, mu, g_lse, -g_lse, None, None)
+    assert max(widths) == 8 and sum(widths) == -(-N // 16) * V  # 8-column pieces, once per 16-row chunk
+    assert gemm_impl.backward_plan is real_plan and gemm_impl.backward_budget() == 77 << 20
