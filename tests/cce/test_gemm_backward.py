@@ -135,14 +135,19 @@ def test_chunked_backward_matches_one_chunk(monkeypatch, dtype, tma, sorted_orde
             assert rel_err(got, want) < (1e-5 if dtype == torch.float32 else 1.2e-2)
 
 
+@pytest.mark.parametrize("sorted_order", [False, True])
 @pytest.mark.parametrize("need", ["de", "dc", "de_fp32"])
-def test_chunked_backward_with_some_gradients_only(monkeypatch, need):
+def test_chunked_backward_with_some_gradients_only(monkeypatch, need, sorted_order):
     # dE alone, dC alone, and dE in fp32 (vocabulary-parallel ranks), which chunks accumulate in the
-    # output itself.
+    # output itself in vocabulary order and round through a temporary into the tokens' rows in the sorted one.
     monkeypatch.setenv("LMFORGE_CCE_SLAB_MB", str(32 * N * 4 / 2**20))
+    monkeypatch.setattr(gemm_impl, "DENSE_SHARE", 1.01)
     e, c, t, b, g_lse = backward_inputs(torch.bfloat16)
-    lse, _, _, mu = gemm_impl.forward_stats(e, c, b, t, softcap=3.0)
-    kwargs = dict(softcap=3.0, need_de=need != "dc", need_dc=need == "dc",
+    perm = torch.randperm(V, generator=torch.Generator().manual_seed(3)).to(DEVICE, torch.int32) \
+        if sorted_order else None
+    (lse, _, _, mu), table = sorted_table(e, c, b, t, perm)
+    kwargs = dict(softcap=3.0, need_de=need != "dc", need_dc=need == "dc", perm=perm,
+                  slab_lse=table if sorted_order else None, filter_eps=0.05 if sorted_order else None,
                   de_dtype=torch.float32 if need == "de_fp32" else None)
     results = []
     for forced in ((N, 32), (16, 16)):
