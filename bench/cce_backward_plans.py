@@ -65,9 +65,8 @@ def main():
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU")
-    eps = {"none": None, "auto": "auto", "fast": "fast"}.get(args.filter_eps)
-    if eps is None and args.filter_eps != "none":
-        eps = float(args.filter_eps)
+    eps = args.filter_eps if args.filter_eps in ("auto", "fast") else None if args.filter_eps == "none" \
+        else float(args.filter_eps)
     n, d, v = parse_shape(args.shape)
     e, c, t = make_inputs(args.regime, n, d, v, dtype=torch.bfloat16, device="cuda", real_path=args.real_path)
     e.requires_grad_(True)

@@ -187,11 +187,19 @@ def default_budget(n: int, d: int, vocab: int, elem_bytes: int) -> int:
     return max(int(BWD_SHARE * (n + vocab) * d * elem_bytes), BWD_MIN_BYTES)
 
 
+def _share(total: int, parts: int, unit: int) -> int:
+    """total / parts rounded up to a multiple of ``unit``, at most ``total``."""
+    return min(total, -(-(-(-total // parts)) // unit) * unit)
+
+
+def _row_unit(n: int) -> int:
+    """Rows of a chunk come in whole 128-row tiles, 8 rows below 512 rows."""
+    return 128 if n >= 512 else 8
+
+
 def sorted_rows(n: int) -> int:
-    """Rows per chunk of the sorted order's default: n / SORTED_CHUNKS, in whole 128-row tiles (8 rows below
-    512 rows, as in :func:`backward_plan`)."""
-    unit = 128 if n >= 512 else 8
-    return min(n, -(-(-(-n // SORTED_CHUNKS)) // unit) * unit)
+    """Rows per chunk of the sorted order's default: n / SORTED_CHUNKS, in whole row units (:func:`_row_unit`)."""
+    return _share(n, SORTED_CHUNKS, _row_unit(n))
 
 
 def backward_workspace(rows: int, piece: int, d: int, *, elem_bytes: int, dz_bytes: int, gather_rows: bool,
@@ -218,20 +226,20 @@ def backward_plan(n: int, d: int, vocab: int, cols_per_slab: int, *, elem_bytes:
     more bf16 rounding of dC per chunk, so few chunks are also the more exact). Rows come in multiples of
     128 (whole tiles) and pieces of 256 columns, where the problem is that large.
     """
-    row_unit = 128 if n >= 512 else 8
+    row_unit = _row_unit(n)
     col_unit = 256 if cols_per_slab >= 1024 else 16
     n_slab = -(-vocab // cols_per_slab)
     classifier = vocab * d * elem_bytes * (2 if gather_cols else 1)  # read (and gathered) once per chunk
     fits, smallest = None, None
     seen = set()
     for chunks in range(1, -(-n // row_unit) + 1):
-        rows = min(n, -(-(-(-n // chunks)) // row_unit) * row_unit)
+        rows = _share(n, chunks, row_unit)
         if rows in seen:
             continue
         seen.add(rows)
         n_chunks = -(-n // rows)
         for parts in range(1, -(-cols_per_slab // col_unit) + 1):
-            piece = min(cols_per_slab, -(-(-(-cols_per_slab // parts)) // col_unit) * col_unit)
+            piece = _share(cols_per_slab, parts, col_unit)
             n_parts = -(-cols_per_slab // piece)
             if parts > 1 and n_parts != parts:
                 continue  # the same piece width as fewer parts
