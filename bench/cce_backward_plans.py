@@ -21,8 +21,12 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from lmforge.cce import gemm_impl, linear_cross_entropy  # noqa: E402
-from lmforge.cce.benchmark import cuda_event_times, parse_shape  # noqa: E402
+from lmforge.cce.benchmark import cuda_event_times, float64_reference, parse_shape  # noqa: E402
 from lmforge.cce.regimes import make_inputs  # noqa: E402
+
+
+def _rel(got, ref) -> float:
+    return ((got.double() - ref).norm() / ref.norm()).item()
 
 
 def parse_plan(text: str):
@@ -61,6 +65,9 @@ def main():
     ap.add_argument("--plans", nargs="+", default=["default", "8192x4096", "4096x4096", "4096x2048", "2048x4096"],
                     help="ROWSxCOLUMNS (rows per chunk x columns per piece) or 'default'")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--errors", action="store_true", help="also dE's and dC's relative errors against float64")
+    ap.add_argument("--inputs-cache", help="a .pt file: the inputs are read from it if present, else written to "
+                    "it (runs of two code versions on the same inputs without generating them twice)")
     ap.add_argument("--out")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -68,7 +75,13 @@ def main():
     eps = args.filter_eps if args.filter_eps in ("auto", "fast") else None if args.filter_eps == "none" \
         else float(args.filter_eps)
     n, d, v = parse_shape(args.shape)
-    e, c, t = make_inputs(args.regime, n, d, v, dtype=torch.bfloat16, device="cuda", real_path=args.real_path)
+    if args.inputs_cache and Path(args.inputs_cache).exists():
+        e, c, t = (x.cuda() for x in torch.load(args.inputs_cache))
+    else:
+        e, c, t = make_inputs(args.regime, n, d, v, dtype=torch.bfloat16, device="cuda", real_path=args.real_path)
+        if args.inputs_cache:
+            torch.save([x.cpu() for x in (e, c, t)], args.inputs_cache)
+    ref = float64_reference(e, c, t) if args.errors else None
     e.requires_grad_(True)
     c.requires_grad_(True)
 
@@ -98,6 +111,8 @@ def main():
             torch.cuda.synchronize()
             peak = (torch.cuda.max_memory_allocated() - base) / 2**20
         row = dict(plan=text, ms=ms, busy_ms=busy_ms, kernel_ms=kernel_ms, kernels=kernels, peak_mib=peak)
+        if ref is not None:
+            row.update(de_err=_rel(e.grad, ref[1]), dc_err=_rel(c.grad, ref[2]))
         rows_out.append(row)
         print(json.dumps(row), flush=True)
     if args.out:

@@ -134,11 +134,13 @@ def _logits_into(out: torch.Tensor, e: torch.Tensor, c_slab: torch.Tensor) -> No
 
 
 # The backward's workspace, beyond dE and dC themselves: the fp32 dE accumulator of the rows in hand, the
-# logit-gradient buffer (dz, or cuBLAS's fp32 logits), and in the sorted order the rows in depth order and the
-# gathered classifier piece. In the vocabulary order it stays within BWD_SHARE of the gradients' own bytes
-# (dE + dC), or BWD_MIN_BYTES where that is more (small problems are not cut into many tiny products): at
-# Gemma 2 2B's shape a whole slab's workspace was 100 MiB (9% of dE + dC), two row chunks of half slabs take
-# 52 MiB for 1.7 ms more per forward+backward (H200, 65.1 against 63.4 ms; the issue's target is 5%).
+# logit-gradient buffer (dz, or cuBLAS's fp32 logits), and in the sorted order the gathered classifier piece
+# and (only where dE is not wanted in e's dtype) the chunk's rows in depth order: otherwise those rows are
+# gathered into the chunk's own rows of dE, which stays in depth order until the end. In the vocabulary
+# order the workspace stays within BWD_SHARE of the gradients' own bytes (dE + dC), or BWD_MIN_BYTES where
+# that is more (small problems are not cut into many tiny products): at Gemma 2 2B's shape a whole slab's
+# workspace was 100 MiB (9% of dE + dC), two row chunks of half slabs take 52 MiB for 1.7 ms more per
+# forward+backward (H200, 65.1 against 63.4 ms; the issue's target is 5%).
 BWD_SHARE = 0.045
 BWD_MIN_BYTES = 48 << 20
 # Problems whose dE + dC take less than SMALL_GRAD_BYTES keep one chunk of whole slabs by default: their
@@ -495,10 +497,12 @@ def backward(e, c, bias, targets, lse, mean_logit, g_lse, g_tgt, g_sum, g_mu, *,
     e's dtype).
 
     The rows run in chunks (each with its own fp32 dE accumulator; the sorted order gathers each chunk's
-    rows) and the slabs in pieces, as :func:`backward_budget` says: by default :func:`backward_plan`'s split
-    within :func:`default_budget` in vocabulary order, :func:`sorted_rows` per chunk in the sorted order, one
-    chunk of whole slabs for small problems. With more than one chunk, dC is the sum of the chunks' parts,
-    each added in fp32 to the rounded sum of those before.
+    rows, into dE's rows where dE has e's dtype) and the slabs in pieces, as :func:`backward_budget` says:
+    by default :func:`backward_plan`'s split within :func:`default_budget` in vocabulary order,
+    :func:`sorted_rows` per chunk in the sorted order, one chunk of whole slabs for small problems. With
+    more than one chunk, dC is the sum of the chunks' parts: in vocabulary order each is added in fp32 to
+    the rounded sum of those before; in the sorted order each is rounded, then added to the vocabulary's
+    rows (one more rounding per chunk, one launch fewer per step).
     """
     n, d = e.shape
     vocab = c.shape[0]
@@ -526,6 +530,9 @@ def backward(e, c, bias, targets, lse, mean_logit, g_lse, g_tgt, g_sum, g_mu, *,
     out_dtype = de_dtype or e.dtype
     # fp32 dE in the tokens' own row order (vocabulary-parallel ranks) is accumulated in the output itself.
     de_direct = need_de and out_dtype == torch.float32 and order is None
+    # In the sorted order each chunk's rows, gathered in depth order, live in the chunk's own rows of dE (kept
+    # in depth order until the end) until its accumulator is rounded over them: no separate gathered copy.
+    rows_in_de = order is not None and need_de and out_dtype == e.dtype
     budget = backward_budget()
     if budget is None and (n + vocab) * d * e.element_size() < SMALL_GRAD_BYTES:
         rows, piece = n, cols_per_slab  # a small problem: one chunk of whole slabs
@@ -533,7 +540,8 @@ def backward(e, c, bias, targets, lse, mean_logit, g_lse, g_tgt, g_sum, g_mu, *,
         rows, piece = sorted_rows(n), cols_per_slab
     else:
         rows, piece = backward_plan(n, d, vocab, cols_per_slab, elem_bytes=e.element_size(),
-                                    dz_bytes=e.element_size() if tma else 4, gather_rows=order is not None,
+                                    dz_bytes=e.element_size() if tma else 4,
+                                    gather_rows=order is not None and not rows_in_de,
                                     gather_cols=perm is not None, de_acc=need_de and not de_direct,
                                     budget=budget if budget is not None else default_budget(n, d, vocab,
                                                                                             e.element_size()),
@@ -542,14 +550,15 @@ def backward(e, c, bias, targets, lse, mean_logit, g_lse, g_tgt, g_sum, g_mu, *,
     buffer = torch.empty(rows * piece, dtype=e.dtype if tma else torch.float32, device=e.device)
     de = torch.zeros((n, d), dtype=out_dtype, device=e.device) if de_direct else None
     de32 = torch.zeros((rows, d), dtype=torch.float32, device=e.device) if need_de and not de_direct else None
-    if de32 is not None and chunks > 1:  # filled chunk by chunk (one chunk: converted once the slabs are done)
+    if rows_in_de or (de32 is not None and chunks > 1):  # filled chunk by chunk (else converted at the end)
         de = torch.empty((n, d), dtype=out_dtype, device=e.device)
     dc = torch.empty_like(c, memory_format=torch.contiguous_format) if need_dc else None
     db32 = torch.zeros(vocab, dtype=torch.float32, device=c.device) if need_db else None
     # The sorted order gathers each classifier piece into c_buffer; once dE has used it, the piece's dC is
     # formed there too before it is scattered back to the tokens' rows.
     c_buffer = torch.empty((piece, d), dtype=c.dtype, device=c.device) if perm is not None else None
-    e_buffer = torch.empty((rows, d), dtype=e.dtype, device=e.device) if order is not None else None
+    e_buffer = (torch.empty((rows, d), dtype=e.dtype, device=e.device) if order is not None and not rows_in_de
+                else None)
     # dz lives in the logit buffer: in the inputs' dtype, row i over the first bytes of row i of z.
     narrow = buffer.view(e.dtype) if e.dtype != torch.float32 else buffer
     per_z = narrow.numel() // buffer.numel()  # elements of dz per element of z (2 for 16-bit inputs)
@@ -560,7 +569,7 @@ def backward(e, c, bias, targets, lse, mean_logit, g_lse, g_tgt, g_sum, g_mu, *,
         r0 = chunk * rows
         m = min(rows, n - r0)
         if order is not None:  # this chunk's rows, deepest first
-            e_chunk = torch.index_select(e, 0, order[r0:r0 + m], out=e_buffer[:m])
+            e_chunk = torch.index_select(e, 0, order[r0:r0 + m], out=de[r0:r0 + m] if rows_in_de else e_buffer[:m])
         else:
             e_chunk = e[r0:r0 + m]
         chunk_vectors = tuple(v[r0:r0 + m] for v in vectors)
@@ -602,21 +611,24 @@ def backward(e, c, bias, targets, lse, mean_logit, g_lse, g_tgt, g_sum, g_mu, *,
                     if acc is not None:
                         _accumulate_matmul(acc[:k], dz, c_slab)
                     if dc_slab is not None:  # after dE: in the sorted order it overwrites the gathered c_slab
-                        if chunk == 0:
+                        if chunk == 0 or perm is not None:
                             torch.mm(dz.t(), e_chunk[:k], out=dc_slab)
                         else:  # add this chunk's part to what the earlier chunks left in dC
-                            if perm is not None:
-                                torch.index_select(dc, 0, perm[start:start + cols], out=dc_slab)
                             dc_slab.addmm_(dz.t(), e_chunk[:k])
                     if need_db:
                         db_slab = dz.sum(dim=0, dtype=torch.float32)
                         if perm is None:
                             db32[start:start + cols] += db_slab
                         else:
-                            db32.index_add_(0, perm[start:start + cols].long(), db_slab)
-                if dc_slab is not None and perm is not None:
-                    dc.index_copy_(0, perm[start:start + cols].long(), dc_slab)
-        if de32 is not None and chunks > 1:  # the chunk's dE, rounded once, into the tokens' rows
+                            db32.index_add_(0, perm[start:start + cols], db_slab)
+                if dc_slab is not None and perm is not None:  # back to the vocabulary's rows (int32 indices)
+                    if chunk == 0:
+                        dc.index_put_((perm[start:start + cols],), dc_slab)
+                    else:  # the chunk's part, rounded, added to the earlier chunks' sum (rounded once more)
+                        dc.index_add_(0, perm[start:start + cols], dc_slab)
+        if rows_in_de:  # the chunk's dE, rounded once, over its gathered rows (depth order)
+            de[r0:r0 + m].copy_(de32[:m])
+        elif de32 is not None and chunks > 1:  # the chunk's dE, rounded once, into the tokens' rows
             if order is None:
                 de[r0:r0 + m].copy_(de32[:m])
             else:
@@ -626,7 +638,10 @@ def backward(e, c, bias, targets, lse, mean_logit, g_lse, g_tgt, g_sum, g_mu, *,
     # Free the workspace (the views hold the slab's storage) and the permuted rows before a single chunk's
     # dE is converted, so that the conversion's copies do not add to the slab's peak.
     z = dz = e_chunk = c_slab = dc_slab = narrow = buffer = c_buffer = e_buffer = grad_tma = acc = None
-    if de32 is not None and chunks == 1:
+    if rows_in_de:  # back to the tokens' own rows (the workspace is gone: this copy is not the peak)
+        de32 = None
+        de = torch.empty_like(de).index_copy_(0, order, de)
+    elif de32 is not None and chunks == 1:
         de = de32.to(out_dtype)
         if order is not None:  # back to the tokens' own rows
             de32 = None
