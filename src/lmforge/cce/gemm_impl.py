@@ -149,12 +149,13 @@ BWD_MIN_BYTES = 48 << 20
 # chunk against 4.31 / 4.30 with two, random 3.73 / 3.76 against 4.12 / 4.16; 136 against 104 MiB).
 SMALL_GRAD_BYTES = 256 << 20
 # The sorted order (gradient filtering) runs fewer rows per slab, so its products are smaller and cutting
-# them further leaves the GPU waiting for the host (~40 us per launch on the H200's host, ~7 launches per
-# step). Gemma 2 2B, calibrated data, filter "auto", forced plans (fwd+bwd ms / kernel ms / peak MiB; call 4
-# of 2026-11-30, docs/cce-tuning.md): one chunk of whole slabs 40.8 / 35.8 / 1318; two chunks 41.2 / 37.2 /
-# 1268; two chunks of half slabs 58.9 / 39.4 / 1243; four chunks 57.9 / 41.0 / 1225; four chunks of half
-# slabs 65-93 / 44.4 / 1208. So by default the sorted order takes SORTED_CHUNKS row chunks of whole slabs
-# whatever the budget (LMFORGE_CCE_BWD_MB, when set, applies to it too).
+# them further leaves the GPU waiting for the host (120-150 us of host work per step of five launches, the
+# Triton dz launch 34-40 us of it) and shrinks the products below a wave of tiles. Gemma 2 2B, calibrated
+# data, filter "auto", forced plans since the chunk's rows live in dE's rows (fwd+bwd ms / summed kernel ms /
+# peak MiB; H100, 2026-12-07, docs/cce-tuning.md v3.9): two chunks of whole slabs 42.2-44.7 / 38.3 / 1250;
+# three chunks 46.1 / 40.0 / 1229; four chunks 58.0 / 45.0 / 1216 (torch.compile 45.4 ms in the same call);
+# two chunks of half slabs 58.3 / 41.6 / 1225. So by default the sorted order takes SORTED_CHUNKS row chunks
+# of whole slabs whatever the budget (LMFORGE_CCE_BWD_MB, when set, applies to it too: 52 gives four chunks).
 SORTED_CHUNKS = 2
 # Every row chunk after the first adds one bf16 rounding of a partial dC: with a near-uniform softmax (the
 # filter then keeps every row, so the backward runs in vocabulary order) that rounding is dC's whole error,
