@@ -21,12 +21,8 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from lmforge.cce import gemm_impl, linear_cross_entropy  # noqa: E402
-from lmforge.cce.benchmark import cuda_event_times, float64_reference, parse_shape  # noqa: E402
+from lmforge.cce.benchmark import _rel, cuda_event_times, float64_reference, parse_shape  # noqa: E402
 from lmforge.cce.regimes import make_inputs  # noqa: E402
-
-
-def _rel(got, ref) -> float:
-    return ((got.double() - ref).norm() / ref.norm()).item()
 
 
 def parse_plan(text: str):

@@ -1,6 +1,6 @@
 """Host cost of each operation in one step of the GEMM backward's loop (GPU): microseconds of host time per call,
 measured while the GPU is kept busy so that no call waits for it, and the GPU time per call. Tells which of
-a step's launches make the sorted order host-bound when its chunks get small (docs/cce-tuning.md, v3.8).
+a step's launches make the sorted order host-bound when its chunks get small (docs/cce-tuning.md, v3.9).
 
     python bench/cce_launch_costs.py --shape gemma2-2b --rows 2048 --cols 4096 [--calls 100] [--out FILE]
 """

@@ -151,7 +151,7 @@ def test_chunked_backward_matches_one_chunk(monkeypatch, dtype, tma, sorted_orde
         lse64, tgt64, *_ = float64_stats(e64, c64, b64, t.cpu(), 3.0, None, V)
         (g_lse.cpu().double() * (lse64 - tgt64)).sum().backward()
         want = (e64.grad, c64.grad, b64.grad)
-    for result in results:  # filtered: against the same cut in float64
+    for result in results:  # both plans against float64 (in the sorted order, with the same cut)
         for got, ref in zip(result, want):
             assert rel_err(got, ref) < (1e-5 if dtype == torch.float32 else 1.2e-2)
 
