@@ -83,6 +83,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _end_distributed() -> None:
+    """Destroy the default process group that a command under ``accelerate launch`` / torchrun joined.
+
+    Left alive, Gloo's worker threads outlive the interpreter's teardown and the process can end in SIGABRT
+    ("terminate called without an active exception") after a run that succeeded (pytorch/pytorch#190489)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -90,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError) as err:
         parser.exit(2, f"lmforge: error: {err}\n")
+    finally:
+        _end_distributed()
 
 
 if __name__ == "__main__":

@@ -49,6 +49,8 @@ def ddp_worker(rank, port, model_folder, run_dir, result_path):
     if rank == 0:
         with open(result_path, "w") as handle:
             json.dump({k: v for k, v in result.items() if isinstance(v, (int, float, str, type(None)))}, handle)
+    if dist.is_initialized():  # as a launched script must: a live Gloo group can abort the process at exit
+        dist.destroy_process_group()
 
 
 def free_loopback_port() -> int:
