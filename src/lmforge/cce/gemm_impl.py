@@ -627,25 +627,21 @@ def backward(e, c, bias, targets, lse, mean_logit, g_lse, g_tgt, g_sum, g_mu, *,
                         dc.index_put_((perm[start:start + cols],), dc_slab)
                     else:  # the chunk's part, rounded, added to the earlier chunks' sum (rounded once more)
                         dc.index_add_(0, perm[start:start + cols], dc_slab)
-        if rows_in_de:  # the chunk's dE, rounded once, over its gathered rows (depth order)
+        # The chunk's dE, rounded once: into its own rows of dE (the tokens' rows, or in depth order over the
+        # gathered rows), else (sorted order, dE in another dtype) scattered into the tokens' rows.
+        if rows_in_de or (de32 is not None and chunks > 1 and order is None):
             de[r0:r0 + m].copy_(de32[:m])
-        elif de32 is not None and chunks > 1:  # the chunk's dE, rounded once, into the tokens' rows
-            if order is None:
-                de[r0:r0 + m].copy_(de32[:m])
-            else:
-                rounded = e_buffer[:m] if e_buffer.dtype == out_dtype else torch.empty((m, d), dtype=out_dtype,
-                                                                                        device=e.device)
-                de.index_copy_(0, order[r0:r0 + m], rounded.copy_(de32[:m]))
+        elif de32 is not None and chunks > 1:
+            rounded = e_buffer[:m] if e_buffer.dtype == out_dtype else torch.empty((m, d), dtype=out_dtype,
+                                                                                    device=e.device)
+            de.index_copy_(0, order[r0:r0 + m], rounded.copy_(de32[:m]))
     # Free the workspace (the views hold the slab's storage) and the permuted rows before a single chunk's
     # dE is converted, so that the conversion's copies do not add to the slab's peak.
     z = dz = e_chunk = c_slab = dc_slab = narrow = buffer = c_buffer = e_buffer = grad_tma = acc = None
-    if rows_in_de:  # back to the tokens' own rows (the workspace is gone: this copy is not the peak)
-        de32 = None
-        de = torch.empty_like(de).index_copy_(0, order, de)
-    elif de32 is not None and chunks == 1:
+    if de32 is not None and chunks == 1 and not rows_in_de:
         de = de32.to(out_dtype)
-        if order is not None:  # back to the tokens' own rows
-            de32 = None
-            de = torch.empty_like(de).index_copy_(0, order, de)
+    de32 = None
+    if order is not None and de is not None and (rows_in_de or chunks == 1):  # depth order -> the tokens' rows
+        de = torch.empty_like(de).index_copy_(0, order, de)
     db = db32.to(bias.dtype) if need_db else None
     return de, dc, db
