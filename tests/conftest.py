@@ -6,6 +6,7 @@ interpreter is switched on here, before any lmforge module is imported, on machi
 
 import importlib.util
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -19,6 +20,13 @@ import pytest  # noqa: E402
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 
+
+
+def free_loopback_port() -> int:
+    """A free TCP port on 127.0.0.1 for a test's process group (network tests stay on loopback)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 @pytest.fixture
 def device():

@@ -16,7 +16,6 @@ stock single-process model.
 from __future__ import annotations
 
 import os
-import socket
 import traceback
 
 import pytest
@@ -25,6 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from lmforge.cce import linear_cross_entropy, token_logprobs
+from tests.conftest import free_loopback_port
 
 WORLD = 2
 
@@ -319,12 +319,6 @@ def worker(rank, port, out_dir):
             results[name] = {"traceback": traceback.format_exc()}
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
-
-
-def free_loopback_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 
 from lmforge.models.sft import SFTConfig, run_sft
+from tests.conftest import free_loopback_port
 
 WORLD = 2
 
@@ -51,12 +51,6 @@ def ddp_worker(rank, port, model_folder, run_dir, result_path):
             json.dump({k: v for k, v in result.items() if isinstance(v, (int, float, str, type(None)))}, handle)
     if dist.is_initialized():  # as a launched script must: a live Gloo group can abort the process at exit
         dist.destroy_process_group()
-
-
-def free_loopback_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def read_metrics(run_dir):

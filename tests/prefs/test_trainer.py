@@ -15,7 +15,6 @@ import json
 import math
 import os
 import random
-import socket
 
 import pytest
 import torch
@@ -40,6 +39,7 @@ from lmforge.prefs.trainer import (
     train_preferences,
     two_pass_backward,
 )
+from tests.conftest import free_loopback_port
 from tests.models.conftest import build_tiny_model, build_tiny_tokenizer
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.usefixtures("one_cpu_thread")]
@@ -500,12 +500,6 @@ def test_gradient_accumulation_weights_micro_batches_by_their_pairs(tmp_path, ba
     assert losses == pytest.approx(one_batch_losses, rel=1e-6)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank: int, world_size: int, port: int, output_dir: str, options: dict | None = None) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
@@ -531,7 +525,7 @@ def test_two_process_gloo_ddp_matches_one_process_with_the_same_micro_batches(tm
     import torch.multiprocessing as mp
 
     ddp_dir = tmp_path / "ddp"
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(ddp_dir), options), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_loopback_port(), str(ddp_dir), options), nprocs=2, join=True)
     single = quiet_config(tmp_path, name="single", batch_size=2, grad_accumulation=2, max_steps=2, **(options or {}))
     result = train_preferences(lora_policy(seed=6), build_tiny_tokenizer(), _ddp_data(single.loss), single)
     from safetensors.torch import load_file
