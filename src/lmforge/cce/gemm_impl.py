@@ -45,7 +45,7 @@ from lmforge.cce.triton_impl import (HAS_TRITON, _accumulate_matmul, _launch_kwa
 if HAS_TRITON:
     import triton
 
-    from lmforge.cce.kernels.slab import slab_grad_kernel, slab_stats_kernel
+    from lmforge.cce.kernels.slab import scatter_rows_kernel, slab_grad_kernel, slab_stats_kernel
 
     try:  # tensor descriptors (TMA on Hopper): Triton 3.4+
         from triton.tools.tensor_descriptor import TensorDescriptor
@@ -259,6 +259,23 @@ def backward_plan(n: int, d: int, vocab: int, cols_per_slab: int, *, elem_bytes:
             if space <= budget:
                 break  # more parts cost more steps and fit no better
     return (fits[1], fits[2]) if fits is not None else (smallest[1], smallest[2])
+
+
+# scatter_rows_kernel's tile: 16 rows x 256 columns of 16-bit values (8 KiB read and written per program).
+SCATTER_ROWS, SCATTER_COLS = 16, 256
+
+
+def scatter_rows(dst: torch.Tensor, index: torch.Tensor, src: torch.Tensor, *, add: bool) -> None:
+    """dst[index[i]] = src[i] (``add``: +=, in fp32, rounded once) for distinct ``index`` (int32 or int64):
+    :func:`scatter_rows_kernel`, one launch, no atomics."""
+    n_rows, d = src.shape
+    if n_rows == 0:
+        return
+    grid = (-(-n_rows // SCATTER_ROWS), -(-d // SCATTER_COLS))
+    warps = {} if interpreting() else {"num_warps": 4}
+    scatter_rows_kernel[grid](src, dst, index, n_rows, d, src.stride(0), dst.stride(0), ADD=add,
+                              ROUND_BF16=interpreting() and dst.dtype == torch.bfloat16,
+                              BLOCK_R=SCATTER_ROWS, BLOCK_D=SCATTER_COLS, **warps)
 
 
 def _slab_view(buffer: torch.Tensor, n: int, cols: int) -> torch.Tensor:
@@ -622,11 +639,9 @@ def backward(e, c, bias, targets, lse, mean_logit, g_lse, g_tgt, g_sum, g_mu, *,
                             db32[start:start + cols] += db_slab
                         else:
                             db32.index_add_(0, perm[start:start + cols], db_slab)
-                if dc_slab is not None and perm is not None:  # back to the vocabulary's rows (int32 indices)
-                    if chunk == 0:
-                        dc.index_put_((perm[start:start + cols],), dc_slab)
-                    else:  # the chunk's part, rounded, added to the earlier chunks' sum (rounded once more)
-                        dc.index_add_(0, perm[start:start + cols], dc_slab)
+                if dc_slab is not None and perm is not None:  # back to the vocabulary's rows (int32 indices);
+                    # after the first chunk the chunk's part, rounded, is added to the earlier chunks' sum
+                    scatter_rows(dc, perm[start:start + cols], dc_slab, add=chunk > 0)
         # The chunk's dE, rounded once: into its own rows of dE (the tokens' rows, or in depth order over the
         # gathered rows), else (sorted order, dE in another dtype) scattered into the tokens' rows.
         if rows_in_de or (de32 is not None and chunks > 1 and order is None):

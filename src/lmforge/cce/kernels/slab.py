@@ -145,3 +145,28 @@ def slab_grad_kernel(
         # first (warps are not in lockstep, and with no reduction in the loop nothing else syncs them).
         tl.debug_barrier()
         tl.store(DZ + rows64 * stride_dzn + slot[None, :], dz.to(DZ.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def scatter_rows_kernel(Src, Dst, Index, n_rows, D, stride_src, stride_dst,
+                        ADD: tl.constexpr, ROUND_BF16: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Dst[Index[i]] = Src[i] (or += with ``ADD``, summed in fp32 and rounded once) for i < n_rows.
+
+    The sorted order's dC slab goes back to the vocabulary's rows this way. Index is a permutation's slice,
+    so no two programs write one row and no atomics are needed: a pure copy at memory speed, where torch's
+    ``index_put_`` on int32 indices moved a 4096 x 4096 bf16 slab at ~0.9 TB/s (77 us, H100) and
+    ``index_add_`` adds with bf16 atomics."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    row_ok = rows < n_rows
+    mask = row_ok[:, None] & (cols < D)[None, :]
+    dst_rows = tl.load(Index + rows, mask=row_ok, other=0).to(tl.int64)
+    x = tl.load(Src + rows[:, None].to(tl.int64) * stride_src + cols[None, :], mask=mask, other=0.0)
+    out = Dst + dst_rows[:, None] * stride_dst + cols[None, :]
+    if ADD:
+        x = x.to(tl.float32) + tl.load(out, mask=mask, other=0.0).to(tl.float32)
+        if ROUND_BF16:  # the interpreter truncates fp32 -> bf16; the GPU rounds to nearest even, as here
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            x = bits.to(tl.float32, bitcast=True)
+    tl.store(out, x.to(Dst.dtype.element_ty), mask=mask)
