@@ -264,3 +264,12 @@ def test_scatter_rows_matches_torch_index_ops(dtype, add):
         want.index_copy_(0, index, src)
     gemm_impl.scatter_rows(dst, index.to(torch.int32), src, add=add)
     assert torch.equal(dst, want)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the probe's self-test runs its kernels under the interpreter")
+def test_gathered_products_probe_matches_float64():
+    # bench/cce_gathered_products_probe.py (route (c) of docs/cce-tuning.md): its two products, which read
+    # the classifier's and E's rows through the permutations, against float64 on small shapes.
+    from tests.conftest import load_bench_script
+
+    load_bench_script("cce_gathered_products_probe").selftest()

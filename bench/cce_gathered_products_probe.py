@@ -1,0 +1,228 @@
+"""How fast are the filtered backward's two products when they read their operands through the permutations?
+
+Route (c) to issue 3's memory target with filtering (docs/cce-tuning.md, "Routes weighed in the eleventh
+session") drops the sorted order's two gathered copies: the classifier slab C[perm[slab]] (18 MiB at Gemma 2
+2B's shape) and the chunk's rows E[order[chunk]] (kept in dE's rows today, which then cannot hold dE's own
+accumulator). Both products would read those rows by pointer instead:
+
+* ``de``: acc[k, D] += dz[k, W] @ C[perm[start:start + W], :] (fp32 accumulator, read and written, as the
+  shipped cuBLAS addmm does), the gathered rows along the product's K;
+* ``dc``: dC[perm[start + i], :] = (dz^T E[order[:k], :])[i, :], E's rows gathered along K, the output rows
+  scattered into dC (what the shipped path does with cuBLAS into a buffer + scatter_rows).
+
+This probe times both as plain Triton GEMMs (pointer loads, so the gathers cost nothing extra to express)
+against what ships: index_select of the operand rows + cuBLAS on contiguous operands (+ the scatter for dC),
+at the Gemma shape's slab (W = 4096, D = 2304) for the row counts a depth-ordered slab sees. If the gathered
+products run near cuBLAS's rate, route (c) is worth building; if they lose more than the gathers they save
+(~20% was the forward's loss from its gathered C, 16.3 against 13.3 ms), it is not.
+
+    python bench/cce_gathered_products_probe.py --selftest      # CPU, TRITON_INTERPRET=1: against float64
+    python bench/cce_gathered_products_probe.py --out probe.json  # GPU: microseconds per product and TFLOP/s
+
+Not yet run on a GPU (written in the eleventh session, after that session's device time was spent).
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+if "--selftest" in sys.argv:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from lmforge.cce import gemm_impl  # noqa: E402
+from lmforge.cce.benchmark import cuda_event_times  # noqa: E402
+from lmforge.cce.triton_impl import interpreting  # noqa: E402
+
+
+@triton.jit
+def de_gathered_kernel(DZ, C, Perm, Acc, k, W, D, stride_dz, stride_c, stride_acc,
+                       UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Acc[:k] += DZ[:k, :W] @ C[Perm[:W]] (Perm already offset to the slab's start)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok, col_ok = rows < k, cols < D
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k0 in tl.range(0, W, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        kk_ok = kk < W
+        a = tl.load(DZ + rows[:, None].to(tl.int64) * stride_dz + kk[None, :],
+                    mask=row_ok[:, None] & kk_ok[None, :], other=0.0)
+        vocab_rows = tl.load(Perm + kk, mask=kk_ok, other=0).to(tl.int64)
+        b = tl.load(C + vocab_rows[:, None] * stride_c + cols[None, :], mask=kk_ok[:, None] & col_ok[None, :],
+                    other=0.0)
+        if UPCAST:  # the interpreter multiplies 16-bit tiles as raw bits
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+    out = Acc + rows[:, None].to(tl.int64) * stride_acc + cols[None, :]
+    mask = row_ok[:, None] & col_ok[None, :]
+    tl.store(out, acc + tl.load(out, mask=mask, other=0.0), mask=mask)
+
+
+@triton.jit
+def dc_gathered_kernel(DZ, E, Order, Perm, DC, k, W, D, stride_dz, stride_e, stride_dc,
+                       UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """DC[Perm[i]] = sum_r DZ[r, i] E[Order[r]] for i < W (Perm offset to the slab's start), rounded once."""
+    slots = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    slot_ok, col_ok = slots < W, cols < D
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for r0 in tl.range(0, k, BLOCK_K):
+        rr = r0 + tl.arange(0, BLOCK_K)
+        rr_ok = rr < k
+        a = tl.load(DZ + rr[None, :].to(tl.int64) * stride_dz + slots[:, None],
+                    mask=slot_ok[:, None] & rr_ok[None, :], other=0.0)  # dz^T tile
+        e_rows = tl.load(Order + rr, mask=rr_ok, other=0).to(tl.int64)
+        b = tl.load(E + e_rows[:, None] * stride_e + cols[None, :], mask=rr_ok[:, None] & col_ok[None, :],
+                    other=0.0)
+        if UPCAST:
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+    vocab_rows = tl.load(Perm + slots, mask=slot_ok, other=0).to(tl.int64)
+    tl.store(DC + vocab_rows[:, None] * stride_dc + cols[None, :], acc.to(DC.dtype.element_ty),
+             mask=slot_ok[:, None] & col_ok[None, :])
+
+
+def de_gathered(dz, c, perm_slab, acc, cfg):
+    k, w = dz.shape
+    d = c.shape[1]
+    grid = (triton.cdiv(k, cfg["BLOCK_M"]), triton.cdiv(d, cfg["BLOCK_N"]))
+    extra = {} if interpreting() else dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    de_gathered_kernel[grid](dz, c, perm_slab, acc, k, w, d, dz.stride(0), c.stride(0), acc.stride(0),
+                             UPCAST=interpreting(), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                             BLOCK_K=cfg["BLOCK_K"], **extra)
+
+
+def dc_gathered(dz, e, order, perm_slab, dc, cfg):
+    k, w = dz.shape
+    d = e.shape[1]
+    grid = (triton.cdiv(w, cfg["BLOCK_M"]), triton.cdiv(d, cfg["BLOCK_N"]))
+    extra = {} if interpreting() else dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    dc_gathered_kernel[grid](dz, e, order, perm_slab, dc, k, w, d, dz.stride(0), e.stride(0), dc.stride(0),
+                             UPCAST=interpreting(), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                             BLOCK_K=cfg["BLOCK_K"], **extra)
+
+
+def shipped_de(dz, c, perm_slab, acc, c_buffer):
+    """What ships: the classifier slab gathered, then cuBLAS's fp32-output product added into acc."""
+    torch.index_select(c, 0, perm_slab, out=c_buffer)
+    gemm_impl._accumulate_matmul(acc, dz, c_buffer)
+
+
+def shipped_dc(dz, e, order, perm_slab, dc, e_buffer, c_buffer):
+    """What ships: the rows gathered (today into dE's rows), cuBLAS into the classifier buffer, the scatter."""
+    torch.index_select(e, 0, order, out=e_buffer)
+    torch.mm(dz.t(), e_buffer, out=c_buffer)
+    gemm_impl.scatter_rows(dc, perm_slab, c_buffer, add=False)
+
+
+def inputs(n, d, vocab, k, w, device, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    e = (torch.randn(n, d, generator=g) / d ** 0.25).to(torch.bfloat16).to(device)
+    c = (torch.randn(vocab, d, generator=g) / d ** 0.25).to(torch.bfloat16).to(device)
+    dz = (torch.randn(k, w, generator=g) * 1e-3).to(torch.bfloat16).to(device)
+    perm = torch.randperm(vocab, generator=g).to(torch.int32).to(device)
+    order = torch.randperm(n, generator=g)[:k].to(torch.int32).to(device)
+    return e, c, dz, perm, order
+
+
+CONFIGS = [dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3),
+           dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4),
+           dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4)]
+
+
+def selftest():
+    n, d, vocab, k, w = 40, 48, 100, 33, 37
+    e, c, dz, perm, order = inputs(n, d, vocab, k, w, "cpu")
+    perm_slab = perm[20:20 + w]
+    cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=2)
+    acc = torch.randn(k, d, dtype=torch.float32)
+    want = acc.double() + dz.double() @ c[perm_slab.long()].double()
+    de_gathered(dz, c, perm_slab, acc, cfg)
+    assert torch.allclose(acc.double(), want, rtol=1e-5, atol=1e-6), (acc.double() - want).abs().max()
+    dc = torch.zeros(vocab, d, dtype=torch.bfloat16)
+    dc_gathered(dz, e, order, perm_slab, dc, cfg)
+    want_dc = torch.zeros(vocab, d, dtype=torch.float64)
+    want_dc[perm_slab.long()] = dz.double().t() @ e[order.long()].double()
+    assert torch.allclose(dc.double(), want_dc, rtol=1e-2, atol=1e-6)  # one bf16 rounding (truncated here)
+    untouched = torch.ones(vocab, dtype=torch.bool)
+    untouched[perm_slab.long()] = False
+    assert not dc[untouched].any()
+    print("selftest passed: both gathered products match float64")
+
+
+def _median_us(fn, repeats):
+    return statistics.median(cuda_event_times(fn, repeats)) * 1e3
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--selftest", action="store_true")
+    ap.add_argument("--shape", type=int, nargs=3, default=[8192, 2304, 256000], metavar=("N", "D", "V"))
+    ap.add_argument("--cols", type=int, default=4096, help="slab width W")
+    ap.add_argument("--rows", type=int, nargs="+", default=[4096, 2048, 1024, 512], help="rows k in the slab")
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    if args.selftest:
+        selftest()
+        return
+    n, d, vocab = args.shape
+    w = args.cols
+    results = []
+    for k in args.rows:
+        e, c, dz, perm, order = inputs(n, d, vocab, k, w, "cuda")
+        perm_slab = perm[:w]
+        acc = torch.zeros(k, d, dtype=torch.float32, device="cuda")
+        dc = torch.zeros(vocab, d, dtype=torch.bfloat16, device="cuda")
+        c_buffer = torch.empty(w, d, dtype=torch.bfloat16, device="cuda")
+        e_buffer = torch.empty(k, d, dtype=torch.bfloat16, device="cuda")
+        flop = 2 * k * w * d
+        row = dict(k=k, cols=w, d=d)
+        for name, fn in [("shipped_de", lambda: shipped_de(dz, c, perm_slab, acc, c_buffer)),
+                         ("shipped_dc", lambda: shipped_dc(dz, e, order, perm_slab, dc, e_buffer, c_buffer)),
+                         ("cublas_de_only", lambda: gemm_impl._accumulate_matmul(acc, dz, c_buffer)),
+                         ("cublas_dc_only", lambda: torch.mm(dz.t(), e_buffer, out=c_buffer))]:
+            fn()
+            row[name + "_us"] = _median_us(fn, args.repeats)
+        for i, cfg in enumerate(CONFIGS):
+            for name, fn in [("de", lambda: de_gathered(dz, c, perm_slab, acc, cfg)),
+                             ("dc", lambda: dc_gathered(dz, e, order, perm_slab, dc, cfg))]:
+                try:
+                    fn()
+                    row[f"{name}_cfg{i}_us"] = _median_us(fn, args.repeats)
+                except Exception as err:  # a configuration the GPU cannot hold (shared memory)
+                    row[f"{name}_cfg{i}_error"] = str(err)[:200]
+        # Check the gathered products against the shipped ones on these inputs.
+        acc.zero_()
+        shipped_de(dz, c, perm_slab, acc, c_buffer)
+        ref = acc.clone()
+        acc.zero_()
+        de_gathered(dz, c, perm_slab, acc, CONFIGS[0])
+        row["de_rel_diff"] = ((acc - ref).norm() / ref.norm()).item()
+        shipped_dc(dz, e, order, perm_slab, dc, e_buffer, c_buffer)
+        ref_dc = dc[perm_slab.long()].float()
+        dc_gathered(dz, e, order, perm_slab, dc, CONFIGS[0])
+        row["dc_rel_diff"] = ((dc[perm_slab.long()].float() - ref_dc).norm() / ref_dc.norm()).item()
+        for key in [x for x in row if x.endswith("_us")]:
+            row[key.replace("_us", "_tflops")] = flop / (row[key] * 1e-6) / 1e12
+        print(json.dumps(row), flush=True)
+        results.append(row)
+    out = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+               shape=args.shape, rows=results)
+    if args.out:
+        Path(args.out).write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
