@@ -75,6 +75,10 @@ def main():
             lambda: dc.index_put_((perm[start:start + cols],), c_buffer),
         "dC rows added back (index_add_, int32 index)":
             lambda: dc.index_add_(0, perm[start:start + cols], c_buffer),
+        "dC rows scattered back (scatter_rows, v3.10)":
+            lambda: gemm_impl.scatter_rows(dc, perm[start:start + cols], c_buffer, add=False),
+        "dC rows added back (scatter_rows add, v3.10)":
+            lambda: gemm_impl.scatter_rows(dc, perm[start:start + cols], c_buffer, add=True),
         "dE += dz C (addmm, fp32 out)":
             lambda: torch.addmm(acc, dz, c_buffer, out_dtype=torch.float32, out=acc),
         "dC = dz^T E (mm)": lambda: torch.mm(dz.t(), e_chunk, out=c_buffer),
