@@ -8,7 +8,10 @@ accumulator). Both products would read those rows by pointer instead:
 * ``de``: acc[k, D] += dz[k, W] @ C[perm[start:start + W], :] (fp32 accumulator, read and written, as the
   shipped cuBLAS addmm does), the gathered rows along the product's K;
 * ``dc``: dC[perm[start + i], :] = (dz^T E[order[:k], :])[i, :], E's rows gathered along K, the output rows
-  scattered into dC (what the shipped path does with cuBLAS into a buffer + scatter_rows).
+  scattered into dC (what the shipped path does with cuBLAS into a buffer + scatter_rows);
+* ``de_hilo``: ``de`` with route (c)'s accumulator, the running sum in bf16 (in dE's own rows there) plus an
+  int8 remainder in 256ths of its spacing: 3 bytes per entry read and written instead of fp32's 4, and the
+  result is the exact sum rounded once (the self-test checks it against float64 over five slabs).
 
 This probe times both as plain Triton GEMMs (pointer loads, so the gathers cost nothing extra to express)
 against what ships: index_select of the operand rows + cuBLAS on contiguous operands (+ the scatter for dC),
@@ -44,9 +47,28 @@ from lmforge.cce.triton_impl import interpreting  # noqa: E402
 
 
 @triton.jit
-def de_gathered_kernel(DZ, C, Perm, Acc, k, W, D, stride_dz, stride_c, stride_acc,
-                       UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Acc[:k] += DZ[:k, :W] @ C[Perm[:W]] (Perm already offset to the slab's start)."""
+def _bf16_rtne(x):
+    """x rounded to the nearest bfloat16 (ties to even), still as float32 (its low 16 bits zero)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _bf16_ulp(hi):
+    """The spacing of bfloat16 values at |hi| (2^(exponent - 7)), at least 2^-126."""
+    exp_bits = tl.maximum(hi.to(tl.uint32, bitcast=True) & 0x7F800000, 8 << 23)
+    return (exp_bits - (7 << 23)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def de_gathered_kernel(DZ, C, Perm, Acc, Lo, k, W, D, stride_dz, stride_c, stride_acc,
+                       HILO: tl.constexpr, UPCAST: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Acc[:k] += DZ[:k, :W] @ C[Perm[:W]] (Perm already offset to the slab's start).
+
+    ``HILO``: the accumulator is Acc (bf16: the running sum rounded, where route (c) keeps it in dE's own rows)
+    plus Lo (int8: the rounding's remainder in 256ths of Acc's spacing), 3 bytes per entry instead of fp32's 4,
+    the sum kept to ~2^-16 of its size."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok, col_ok = rows < k, cols < D
@@ -63,9 +85,20 @@ def de_gathered_kernel(DZ, C, Perm, Acc, k, W, D, stride_dz, stride_c, stride_ac
             acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
         else:
             acc = tl.dot(a, b, acc)
-    out = Acc + rows[:, None].to(tl.int64) * stride_acc + cols[None, :]
+    offs = rows[:, None].to(tl.int64) * stride_acc + cols[None, :]
     mask = row_ok[:, None] & col_ok[None, :]
-    tl.store(out, acc + tl.load(out, mask=mask, other=0.0), mask=mask)
+    if HILO:
+        hi = tl.load(Acc + offs, mask=mask, other=0.0).to(tl.float32)
+        lo = tl.load(Lo + offs, mask=mask, other=0).to(tl.float32)
+        value = hi + lo * (_bf16_ulp(hi) * (1.0 / 256.0)) + acc
+        new_hi = _bf16_rtne(value)
+        rest = (value - new_hi) / _bf16_ulp(new_hi) * 256.0
+        rest = tl.minimum(tl.maximum(rest, -127.0), 127.0)
+        rest = tl.where(rest >= 0, tl.floor(rest + 0.5), -tl.floor(0.5 - rest))
+        tl.store(Acc + offs, new_hi.to(Acc.dtype.element_ty), mask=mask)
+        tl.store(Lo + offs, rest.to(tl.int8), mask=mask)
+    else:
+        tl.store(Acc + offs, acc + tl.load(Acc + offs, mask=mask, other=0.0), mask=mask)
 
 
 @triton.jit
@@ -93,14 +126,15 @@ def dc_gathered_kernel(DZ, E, Order, Perm, DC, k, W, D, stride_dz, stride_e, str
              mask=slot_ok[:, None] & col_ok[None, :])
 
 
-def de_gathered(dz, c, perm_slab, acc, cfg):
+def de_gathered(dz, c, perm_slab, acc, cfg, lo=None):
+    """acc += dz @ c[perm_slab]: acc fp32, or (``lo`` given) acc bf16 with lo's int8 remainders."""
     k, w = dz.shape
     d = c.shape[1]
     grid = (triton.cdiv(k, cfg["BLOCK_M"]), triton.cdiv(d, cfg["BLOCK_N"]))
     extra = {} if interpreting() else dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    de_gathered_kernel[grid](dz, c, perm_slab, acc, k, w, d, dz.stride(0), c.stride(0), acc.stride(0),
-                             UPCAST=interpreting(), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-                             BLOCK_K=cfg["BLOCK_K"], **extra)
+    de_gathered_kernel[grid](dz, c, perm_slab, acc, lo if lo is not None else acc, k, w, d, dz.stride(0),
+                             c.stride(0), acc.stride(0), HILO=lo is not None, UPCAST=interpreting(),
+                             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], **extra)
 
 
 def dc_gathered(dz, e, order, perm_slab, dc, cfg):
@@ -150,6 +184,24 @@ def selftest():
     want = acc.double() + dz.double() @ c[perm_slab.long()].double()
     de_gathered(dz, c, perm_slab, acc, cfg)
     assert torch.allclose(acc.double(), want, rtol=1e-5, atol=1e-6), (acc.double() - want).abs().max()
+    # Five slabs accumulated in bf16 + int8 remainders: the result is the float64 sum rounded once to bf16
+    # (up to ties), where rounding the running sum in bf16 after every slab drifts.
+    hi = torch.zeros(k, d, dtype=torch.bfloat16)
+    lo = torch.zeros(k, d, dtype=torch.int8)
+    plain = torch.zeros(k, d, dtype=torch.bfloat16)
+    exact = torch.zeros(k, d, dtype=torch.float64)
+    g = torch.Generator().manual_seed(1)
+    for slab in range(5):
+        part = (torch.randn(k, w, generator=g) * (1e-3 if slab else 1.0)).to(torch.bfloat16)
+        slab_perm = torch.randperm(vocab, generator=g)[:w].to(torch.int32)
+        de_gathered(part, c, slab_perm, hi, cfg, lo=lo)
+        product = part.double() @ c[slab_perm.long()].double()
+        exact += product
+        plain = (plain.double() + product).to(torch.bfloat16)
+    once = exact.to(torch.bfloat16)
+    assert (hi != once).float().mean() < 0.01, (hi != once).float().mean()
+    assert (hi.double() - exact).norm() <= 1.01 * (once.double() - exact).norm()
+    assert (plain.double() - exact).norm() > 1.2 * (once.double() - exact).norm()
     dc = torch.zeros(vocab, d, dtype=torch.bfloat16)
     dc_gathered(dz, e, order, perm_slab, dc, cfg)
     want_dc = torch.zeros(vocab, d, dtype=torch.float64)
@@ -158,7 +210,7 @@ def selftest():
     untouched = torch.ones(vocab, dtype=torch.bool)
     untouched[perm_slab.long()] = False
     assert not dc[untouched].any()
-    print("selftest passed: both gathered products match float64")
+    print("selftest passed: both gathered products match float64; the bf16 + int8 accumulator rounds once")
 
 
 def _median_us(fn, repeats):
@@ -195,8 +247,11 @@ def main():
                          ("cublas_dc_only", lambda: torch.mm(dz.t(), e_buffer, out=c_buffer))]:
             fn()
             row[name + "_us"] = _median_us(fn, args.repeats)
+        hi = torch.zeros(k, d, dtype=torch.bfloat16, device="cuda")
+        lo = torch.zeros(k, d, dtype=torch.int8, device="cuda")
         for i, cfg in enumerate(CONFIGS):
             for name, fn in [("de", lambda: de_gathered(dz, c, perm_slab, acc, cfg)),
+                             ("de_hilo", lambda: de_gathered(dz, c, perm_slab, hi, cfg, lo=lo)),
                              ("dc", lambda: dc_gathered(dz, e, order, perm_slab, dc, cfg))]:
                 try:
                     fn()
