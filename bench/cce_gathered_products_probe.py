@@ -47,6 +47,15 @@ from lmforge.cce.triton_impl import interpreting  # noqa: E402
 
 
 @triton.jit
+def _mma(a, b, acc, UPCAST: tl.constexpr):
+    """acc + a @ b in fp32; under the interpreter (``UPCAST``) from fp32 copies, since it multiplies 16-bit tiles
+    as raw bits."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
 def _bf16_rtne(x):
     """x rounded to the nearest bfloat16 (ties to even), still as float32 (its low 16 bits zero)."""
     bits = x.to(tl.uint32, bitcast=True)
@@ -81,10 +90,7 @@ def de_gathered_kernel(DZ, C, Perm, Acc, Lo, k, W, D, stride_dz, stride_c, strid
         vocab_rows = tl.load(Perm + kk, mask=kk_ok, other=0).to(tl.int64)
         b = tl.load(C + vocab_rows[:, None] * stride_c + cols[None, :], mask=kk_ok[:, None] & col_ok[None, :],
                     other=0.0)
-        if UPCAST:  # the interpreter multiplies 16-bit tiles as raw bits
-            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b, acc)
+        acc = _mma(a, b, acc, UPCAST)
     offs = rows[:, None].to(tl.int64) * stride_acc + cols[None, :]
     mask = row_ok[:, None] & col_ok[None, :]
     if HILO:
@@ -117,10 +123,7 @@ def dc_gathered_kernel(DZ, E, Order, Perm, DC, k, W, D, stride_dz, stride_e, str
         e_rows = tl.load(Order + rr, mask=rr_ok, other=0).to(tl.int64)
         b = tl.load(E + e_rows[:, None] * stride_e + cols[None, :], mask=rr_ok[:, None] & col_ok[None, :],
                     other=0.0)
-        if UPCAST:
-            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b, acc)
+        acc = _mma(a, b, acc, UPCAST)
     vocab_rows = tl.load(Perm + slots, mask=slot_ok, other=0).to(tl.int64)
     tl.store(DC + vocab_rows[:, None] * stride_dc + cols[None, :], acc.to(DC.dtype.element_ty),
              mask=slot_ok[:, None] & col_ok[None, :])
