@@ -272,10 +272,9 @@ def scatter_rows(dst: torch.Tensor, index: torch.Tensor, src: torch.Tensor, *, a
     if n_rows == 0:
         return
     grid = (-(-n_rows // SCATTER_ROWS), -(-d // SCATTER_COLS))
-    warps = {} if interpreting() else {"num_warps": 4}
     scatter_rows_kernel[grid](src, dst, index, n_rows, d, src.stride(0), dst.stride(0), ADD=add,
                               ROUND_BF16=interpreting() and dst.dtype == torch.bfloat16,
-                              BLOCK_R=SCATTER_ROWS, BLOCK_D=SCATTER_COLS, **warps)
+                              BLOCK_R=SCATTER_ROWS, BLOCK_D=SCATTER_COLS, **_launch({"num_warps": 4}))
 
 
 def _slab_view(buffer: torch.Tensor, n: int, cols: int) -> torch.Tensor:
