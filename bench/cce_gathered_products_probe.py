@@ -70,14 +70,15 @@ def _bf16_ulp(hi):
 
 
 @triton.jit
-def de_gathered_kernel(DZ, C, Perm, Acc, Lo, k, W, D, stride_dz, stride_c, stride_acc,
-                       HILO: tl.constexpr, UPCAST: tl.constexpr,
+def de_gathered_kernel(DZ, C, Perm, Acc, Lo, OutRows, k, W, D, stride_dz, stride_c, stride_acc,
+                       HILO: tl.constexpr, SCATTER: tl.constexpr, UPCAST: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Acc[:k] += DZ[:k, :W] @ C[Perm[:W]] (Perm already offset to the slab's start).
 
     ``HILO``: the accumulator is Acc (bf16: the running sum rounded, where route (c) keeps it in dE's own rows)
     plus Lo (int8: the rounding's remainder in 256ths of Acc's spacing), 3 bytes per entry instead of fp32's 4,
-    the sum kept to ~2^-16 of its size."""
+    the sum kept to ~2^-16 of its size. ``SCATTER``: the accumulator's row for dz's row r is OutRows[r] (route
+    (c) keeps it in dE's own rows, the tokens' order, while dz's rows come in depth order)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok, col_ok = rows < k, cols < D
@@ -91,7 +92,11 @@ def de_gathered_kernel(DZ, C, Perm, Acc, Lo, k, W, D, stride_dz, stride_c, strid
         b = tl.load(C + vocab_rows[:, None] * stride_c + cols[None, :], mask=kk_ok[:, None] & col_ok[None, :],
                     other=0.0)
         acc = _mma(a, b, acc, UPCAST)
-    offs = rows[:, None].to(tl.int64) * stride_acc + cols[None, :]
+    if SCATTER:
+        out_rows = tl.load(OutRows + rows, mask=row_ok, other=0).to(tl.int64)
+    else:
+        out_rows = rows.to(tl.int64)
+    offs = out_rows[:, None] * stride_acc + cols[None, :]
     mask = row_ok[:, None] & col_ok[None, :]
     if HILO:
         hi = tl.load(Acc + offs, mask=mask, other=0.0).to(tl.float32)
@@ -129,14 +134,17 @@ def dc_gathered_kernel(DZ, E, Order, Perm, DC, k, W, D, stride_dz, stride_e, str
              mask=slot_ok[:, None] & col_ok[None, :])
 
 
-def de_gathered(dz, c, perm_slab, acc, cfg, lo=None):
-    """acc += dz @ c[perm_slab]: acc fp32, or (``lo`` given) acc bf16 with lo's int8 remainders."""
+def de_gathered(dz, c, perm_slab, acc, cfg, lo=None, out_rows=None):
+    """acc[out_rows] += dz @ c[perm_slab] (out_rows: default dz's own rows): acc fp32, or (``lo`` given) acc
+    bf16 with lo's int8 remainders."""
     k, w = dz.shape
     d = c.shape[1]
     grid = (triton.cdiv(k, cfg["BLOCK_M"]), triton.cdiv(d, cfg["BLOCK_N"]))
     extra = {} if interpreting() else dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    de_gathered_kernel[grid](dz, c, perm_slab, acc, lo if lo is not None else acc, k, w, d, dz.stride(0),
-                             c.stride(0), acc.stride(0), HILO=lo is not None, UPCAST=interpreting(),
+    de_gathered_kernel[grid](dz, c, perm_slab, acc, lo if lo is not None else acc,
+                             out_rows if out_rows is not None else perm_slab, k, w, d, dz.stride(0),
+                             c.stride(0), acc.stride(0), HILO=lo is not None, SCATTER=out_rows is not None,
+                             UPCAST=interpreting(),
                              BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], **extra)
 
 
@@ -174,6 +182,7 @@ def inputs(n, d, vocab, k, w, device, seed=0):
 
 
 CONFIGS = [dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3),
+           dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=4),
            dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4),
            dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4)]
 
@@ -205,6 +214,13 @@ def selftest():
     assert (hi != once).float().mean() < 0.01, (hi != once).float().mean()
     assert (hi.double() - exact).norm() <= 1.01 * (once.double() - exact).norm()
     assert (plain.double() - exact).norm() > 1.2 * (once.double() - exact).norm()
+    # Accumulator rows reached through a permutation of dz's rows (dE's own rows in route (c)).
+    rows_perm = torch.randperm(n, generator=g)[:k].to(torch.int32)
+    big = torch.randn(n, d, dtype=torch.float32, generator=g)
+    want_big = big.double().clone()
+    want_big[rows_perm.long()] += dz.double() @ c[perm_slab.long()].double()
+    de_gathered(dz, c, perm_slab, big, cfg, out_rows=rows_perm)
+    assert torch.allclose(big.double(), want_big, rtol=1e-5, atol=1e-6), (big.double() - want_big).abs().max()
     dc = torch.zeros(vocab, d, dtype=torch.bfloat16)
     dc_gathered(dz, e, order, perm_slab, dc, cfg)
     want_dc = torch.zeros(vocab, d, dtype=torch.float64)
@@ -252,9 +268,17 @@ def main():
             row[name + "_us"] = _median_us(fn, args.repeats)
         hi = torch.zeros(k, d, dtype=torch.bfloat16, device="cuda")
         lo = torch.zeros(k, d, dtype=torch.int8, device="cuda")
+        ident = torch.arange(w, dtype=torch.int32, device="cuda")
+        de_rows = torch.empty(n, d, dtype=torch.bfloat16, device="cuda")
+        de_lo = torch.zeros(n, d, dtype=torch.int8, device="cuda")
         for i, cfg in enumerate(CONFIGS):
+            # "contig": the same Triton kernel on the gathered slab (rows in order): the gather's own cost;
+            # "de_hilo_scatter": contiguous slab, bf16 + int8 accumulator in dE's rows reached through order.
             for name, fn in [("de", lambda: de_gathered(dz, c, perm_slab, acc, cfg)),
+                             ("de_contig", lambda: de_gathered(dz, c_buffer, ident, acc, cfg)),
                              ("de_hilo", lambda: de_gathered(dz, c, perm_slab, hi, cfg, lo=lo)),
+                             ("de_hilo_scatter", lambda: de_gathered(dz, c_buffer, ident, de_rows, cfg, lo=de_lo,
+                                                                     out_rows=order)),
                              ("dc", lambda: dc_gathered(dz, e, order, perm_slab, dc, cfg))]:
                 try:
                     fn()
