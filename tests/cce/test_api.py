@@ -462,10 +462,48 @@ def test_gemm_runs_exact_when_rows_would_keep_most_slabs(monkeypatch):
     for got, want in zip(auto[:2], exact[:2]):
         assert torch.equal(got, want)
     monkeypatch.setattr(gemm_impl, "DENSE_SHARE", 1.01)
+    gemm_impl.reset_filter_history()  # the fallback above would skip the next forwards' sorted order
     sorted_order = grads("auto")
     assert all(sorted_order[2]) and all(sorted_order[3])
     for got, want in zip(sorted_order[:2], exact[:2]):
         assert rel_err(got, want) < 1e-2
+
+
+def test_gemm_skips_the_sorted_order_after_dense_fallbacks(monkeypatch):
+    # After a filtered backward fell back to exact, the next DENSE_SKIP forwards of the problem run exact
+    # without sorting (gradients equal to the exact path's, bit for bit), then one step sorts again; a
+    # repeated fallback doubles the skip; a step whose rows skip enough work clears the history.
+    monkeypatch.setenv("LMFORGE_CCE_SLAB_MB", str(16 * N * 4 / 2**20))
+    monkeypatch.setattr(gemm_impl, "FILTER_MIN_D", 1)
+    monkeypatch.setattr(gemm_impl, "DENSE_SKIP", 2)
+    monkeypatch.setattr(gemm_impl, "DENSE_SKIP_MAX", 3)
+    e, c, t, _ = make_inputs(torch.bfloat16, scale=0.1)  # flat softmaxes: every filtered step falls back
+    e, c = (x.detach().requires_grad_() for x in (e, c))
+    sorted_slabs = spy_sorted_slabs(monkeypatch)
+
+    def step(filter_eps="auto"):
+        e.grad = c.grad = None
+        sorted_slabs.clear()
+        out = linear_cross_entropy(e, c, t, impl="gemm", filter_eps=filter_eps)
+        forward_sorted = any(sorted_slabs)
+        out.backward()
+        return forward_sorted, e.grad.clone(), c.grad.clone()
+
+    _, de_exact, dc_exact = step(None)
+    pattern = []
+    for _ in range(8):
+        forward_sorted, de, dc = step()
+        pattern.append(forward_sorted)
+        assert torch.equal(de, de_exact) and torch.equal(dc, dc_exact)
+    # sort (falls back), skip 2, sort (falls back again), skip min(4, 3) = 3, sort
+    assert pattern == [True, False, False, True, False, False, False, True]
+    # Another problem (here float16 inputs) keeps its own history.
+    assert gemm_impl.sorted_order_due(e.half(), c.half(), auto_filter_eps(torch.float16))
+    assert [step()[0] for _ in range(3)] == [False] * 3
+    # A step whose rows skip enough work (every step does with DENSE_SHARE above 1) clears the history.
+    monkeypatch.setattr(gemm_impl, "DENSE_SHARE", 1.01)
+    assert [step()[0] for _ in range(2)] == [True, True]
+    assert gemm_impl._dense_history == {}
 
 
 def test_gemm_presets_filter_only_where_slabs_are_narrow(monkeypatch):

@@ -65,7 +65,7 @@ class LinearStats(torch.autograd.Function):
             # Filtering: the vocabulary sorted by mean logit, and each row's softmax mass per slab, so the
             # backward knows which rows each slab may skip without recomputing anything.
             if filter_eps is not None and not need_sum and not need_mu and any(ctx.needs_input_grad[:3]) \
-                    and gemm_impl.filters(e.shape[1]):
+                    and gemm_impl.filters(e.shape[1]) and gemm_impl.sorted_order_due(e, c, filter_eps):
                 perm = triton_impl.vocab_order(e, c, bias)
                 tile_map = torch.empty((gemm_impl.n_slabs(e.shape[0], c.shape[0]), e.shape[0]),
                                        dtype=torch.float32, device=e.device)

@@ -66,6 +66,43 @@ FILTER_MIN_D = 1024
 # row, the rows' permutation) are then larger than the few products saved (H200, Gemma's random inputs,
 # which keep every slab: 71.7 ms forward+backward through the sorted order, 67.3 exact).
 DENSE_SHARE = 0.9
+# After a filtered backward ran exact that way, the next DENSE_SKIP forwards of the same problem (vocabulary,
+# hidden size, dtype, device, filter_eps) skip the sorted order and its table: their backward is exact in
+# vocabulary order, what the fallback would run, without the forward's gathered classifier rows and sort.
+# Then one step filters again, to notice a softmax that has sharpened (training's first steps are as flat
+# as random inputs); each consecutive fallback doubles the skip, up to DENSE_SKIP_MAX steps.
+DENSE_SKIP, DENSE_SKIP_MAX = 4, 64
+_dense_history: dict[tuple, list[int]] = {}  # problem -> [forwards still to skip, the current skip length]
+
+
+def _problem_key(e: torch.Tensor, c: torch.Tensor, filter_eps: float) -> tuple:
+    return c.shape[0], c.shape[1], e.dtype, str(e.device), float(filter_eps)
+
+
+def sorted_order_due(e: torch.Tensor, c: torch.Tensor, filter_eps: float) -> bool:
+    """Whether this filtered forward should visit the vocabulary in sorted order (see DENSE_SKIP); a forward
+    told no counts as one of the skipped steps."""
+    state = _dense_history.get(_problem_key(e, c, filter_eps))
+    if state is None or state[0] <= 0:
+        return True
+    state[0] -= 1
+    return False
+
+
+def _note_backward(e: torch.Tensor, c: torch.Tensor, filter_eps: float, dense: bool) -> None:
+    """Record whether a filtered backward fell back to exact (``dense``) for :func:`sorted_order_due`."""
+    key = _problem_key(e, c, filter_eps)
+    if not dense:
+        _dense_history.pop(key, None)
+        return
+    previous = _dense_history.get(key)
+    skip = DENSE_SKIP if previous is None else min(2 * previous[1], DENSE_SKIP_MAX)
+    _dense_history[key] = [skip, skip]
+
+
+def reset_filter_history() -> None:
+    """Forget every fallback :func:`sorted_order_due` remembers (the next filtered forward sorts)."""
+    _dense_history.clear()
 
 
 # The presets ("auto", "fast") filter only where slabs are at most this wide: 4096 columns (8192+ tokens with
@@ -534,7 +571,9 @@ def backward(e, c, bias, targets, lse, mean_logit, g_lse, g_tgt, g_sum, g_mu, *,
         depth = row_depths(slab_lse, lse, g_lse, g_tgt, slab_targets, cols_per_slab, filter_eps)
         # One host sync for the whole plan: how many rows reach each slab.
         counts = torch.bincount(depth, minlength=len(counts) + 1).flip(0).cumsum(0).flip(0)[1:].tolist()
-        if sum(counts) >= DENSE_SHARE * n * len(counts):  # too little to skip: exact, in vocabulary order
+        dense = sum(counts) >= DENSE_SHARE * n * len(counts)
+        _note_backward(e, c, filter_eps, dense)
+        if dense:  # too little to skip: exact, in vocabulary order
             counts, perm = [n] * len(counts), None
             slab_targets, slab_bias = targets, bias
         else:  # rows deepest first: slab k's kept rows are the leading counts[k]
