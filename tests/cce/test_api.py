@@ -203,7 +203,9 @@ def test_chunking_does_not_change_results():
     grads_many = chunked.backward(e.detach(), c.detach(), None, t, one[0], one[3], g, -g, None, None,
                                   chunk_elements=3 * V)
     for a, b in zip(grads_one[:2], grads_many[:2]):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        # fp32 sums in another blocking: entries that cancel may differ by a few ulps of the largest terms
+        # (once 2.5e-6 at an entry of 0.13 where the gradient's largest entry was ~7)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=4e-6 * b.abs().max().item())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
