@@ -1,0 +1,73 @@
+"""How many rows visit each slab of the sorted vocabulary in the GEMM path's filtered backward.
+
+For one shape and data regime: the forward's per-slab log-sum-exp table (``gemm_impl.forward_stats`` over the
+vocabulary sorted by ``triton_impl.vocab_order``), each row's depth (``gemm_impl.row_depths``, the slabs it
+keeps at ``filter_eps``, its target's slab included) and, per slab, how many rows reach it (the backward's
+``counts``). Route (e) in docs/cce-tuning.md needs the last slabs to be visited by few rows; this measures
+whether they are. Prints one JSON line (also written to ``--out``).
+
+    python bench/cce_row_depths.py --shape gemma2-2b --regime calibrated          # GPU, seconds
+    python bench/cce_row_depths.py --shape 1024x576x49152 --regime real --device cpu
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import torch  # noqa: E402
+
+from lmforge.cce import auto_filter_eps, gemm_impl, triton_impl  # noqa: E402
+from lmforge.cce.benchmark import parse_shape  # noqa: E402
+from lmforge.cce.regimes import make_inputs  # noqa: E402
+
+
+def slab_counts(e, c, targets, filter_eps: float) -> tuple[list[int], torch.Tensor]:
+    """(rows reaching each slab, each row's depth) as the filtered backward would plan them (g_lse = 1 and
+    g_tgt = -1 for every row: a mean loss with no ignored token)."""
+    n, vocab = e.shape[0], c.shape[0]
+    perm = triton_impl.vocab_order(e, c, None)
+    cols = gemm_impl.slab_columns(n, vocab)
+    table = torch.empty((gemm_impl.n_slabs(n, vocab), n), dtype=torch.float32, device=e.device)
+    if e.is_cuda:
+        lse, *_ = gemm_impl.forward_stats(e, c, None, targets, perm=perm, slab_lse=table)
+    else:  # float32 logits by torch, 256 rows at a time (the Triton pass would run in the interpreter)
+        c_sorted = c[perm.long()].float()
+        for r0 in range(0, n, 256):
+            z = e[r0:r0 + 256].float() @ c_sorted.t()
+            for k, start in enumerate(range(0, vocab, cols)):
+                table[k, r0:r0 + 256] = torch.logsumexp(z[:, start:start + cols], dim=1)
+        lse = torch.logsumexp(table, dim=0)
+    slab_targets, _ = gemm_impl._permuted(targets, None, perm, vocab)
+    ones = torch.ones(n, dtype=torch.float32, device=e.device)
+    depth = gemm_impl.row_depths(table, lse, ones, -ones, slab_targets, cols, filter_eps)
+    counts = torch.bincount(depth, minlength=table.shape[0] + 1).flip(0).cumsum(0).flip(0)[1:]
+    return counts.tolist(), depth
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="gemma2-2b", help="a name of benchmark.GPU_SHAPES or NxDxV")
+    ap.add_argument("--regime", default="calibrated", choices=["calibrated", "real", "random"])
+    ap.add_argument("--real-path", default=".benchdata/real.safetensors")
+    ap.add_argument("--filter-eps", type=float, default=auto_filter_eps(torch.bfloat16))
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    n, d, v = parse_shape(args.shape)
+    e, c, t = make_inputs(args.regime, n, d, v, dtype=torch.bfloat16, device=args.device,
+                          real_path=args.real_path)[:3]
+    counts, depth = slab_counts(e, c, t, args.filter_eps)
+    row = dict(shape=[n, d, v], regime=args.regime, filter_eps=args.filter_eps, device=str(args.device),
+               slab_columns=gemm_impl.slab_columns(n, v), counts=counts,
+               kept_share=sum(counts) / (n * len(counts)), last_slabs=counts[-4:],
+               depth_quantiles={q: float(depth.float().quantile(q)) for q in (0.5, 0.9, 0.99, 1.0)})
+    print(json.dumps(row))
+    if args.out:
+        Path(args.out).write_text(json.dumps(row, indent=1))
+
+
+if __name__ == "__main__":
+    main()
