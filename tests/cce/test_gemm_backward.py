@@ -264,6 +264,53 @@ def test_scatter_rows_matches_torch_index_ops(dtype, add):
         want.index_copy_(0, index, src)
     gemm_impl.scatter_rows(dst, index.to(torch.int32), src, add=add)
     assert torch.equal(dst, want)
+    # Rows whose index is negative are skipped.
+    skip = index.clone()
+    skip[::3] = -1
+    before = dst.clone()
+    gemm_impl.scatter_rows(dst, skip, src.flip(0), add=False)
+    want = before.clone()
+    want.index_copy_(0, index[skip >= 0], src.flip(0)[skip >= 0])
+    assert torch.equal(dst, want)
+
+
+def _permutation(kind: str, v: int, g: torch.Generator) -> torch.Tensor:
+    if kind == "random":
+        return torch.randperm(v, generator=g)
+    perm = torch.arange(v)
+    if kind == "swaps":  # v // 2 cycles of two
+        perm[0:v - 1:2], perm[1:v:2] = torch.arange(1, v, 2), torch.arange(0, v - 1, 2)
+    elif kind == "few moved":  # mostly fixed points, one shuffled subset
+        moved = torch.randperm(v, generator=g)[:40]
+        perm[moved] = moved[torch.randperm(40, generator=g)]
+    return perm
+
+
+@pytest.mark.parametrize("kind", ["random", "identity", "swaps", "few moved"])
+@pytest.mark.parametrize("batch", [1, 7, 64, 400])
+def test_permute_rows_in_place_matches_indexing(kind, batch):
+    # Route (e)'s un-permutation of dC: row p moves to row perm[p], in place, through a buffer of `batch`
+    # rows, for cycles that span many batches (random), none (identity), many short ones (swaps) or a mix.
+    g = torch.Generator().manual_seed(batch)
+    v = 333
+    perm = _permutation(kind, v, g)
+    x = torch.randn(v, 70, generator=g).to(torch.bfloat16).to(DEVICE)
+    want = torch.empty_like(x)
+    want[perm.to(DEVICE)] = x
+    buffer = torch.empty((batch, 70), dtype=x.dtype, device=DEVICE)
+    assert gemm_impl.permute_rows_(x, perm.to(torch.int32).to(DEVICE), buffer) is x
+    assert torch.equal(x, want)
+    # The cycles behind it: each position's leader is its cycle's smallest position, its rank the number of
+    # moves from there, walked here one move at a time.
+    leader, rank, length = (t.cpu() for t in gemm_impl._cycles(perm.to(DEVICE)))
+    for p in torch.randint(v, (6,), generator=g).tolist():
+        cycle, q = [p], int(perm[p])
+        while q != p:
+            cycle.append(q)
+            q = int(perm[q])
+        start = cycle.index(min(cycle))
+        assert (int(leader[p]), int(length[p])) == (min(cycle), len(cycle))
+        assert int(rank[p]) == (len(cycle) - start) % len(cycle)
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="the probe's self-test runs its kernels under the interpreter")

@@ -303,8 +303,8 @@ SCATTER_ROWS, SCATTER_COLS = 16, 256
 
 
 def scatter_rows(dst: torch.Tensor, index: torch.Tensor, src: torch.Tensor, *, add: bool) -> None:
-    """dst[index[i]] = src[i] (``add``: +=, in fp32, rounded once) for distinct ``index`` (int32 or int64):
-    :func:`scatter_rows_kernel`, one launch, no atomics."""
+    """dst[index[i]] = src[i] (``add``: +=, in fp32, rounded once) for distinct ``index`` (int32 or int64;
+    rows with a negative index are skipped): :func:`scatter_rows_kernel`, one launch, no atomics."""
     n_rows, d = src.shape
     if n_rows == 0:
         return
@@ -312,6 +312,71 @@ def scatter_rows(dst: torch.Tensor, index: torch.Tensor, src: torch.Tensor, *, a
     scatter_rows_kernel[grid](src, dst, index, n_rows, d, src.stride(0), dst.stride(0), ADD=add,
                               ROUND_BF16=interpreting() and dst.dtype == torch.bfloat16,
                               BLOCK_R=SCATTER_ROWS, BLOCK_D=SCATTER_COLS, **_launch({"num_warps": 4}))
+
+
+def _cycles(perm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(leader, rank, length) of every position p under the moves p -> perm[p] (int64, each (V,)): the
+    smallest position of p's cycle, p's number of steps from it, the cycle's length. Pointer jumping on the
+    device, ceil(log2 V) rounds, no host sync."""
+    v = perm.numel()
+    nxt = perm.long()
+    rounds = max(1, (v - 1).bit_length())
+    leader, jump = torch.arange(v, device=perm.device), nxt.clone()
+    for _ in range(rounds):  # after r rounds: the minimum over p, nxt(p), ..., nxt^(2^r - 1)(p)
+        leader = torch.minimum(leader, leader[jump])
+        jump = jump[jump]
+    # The cycle as a list from its leader to its last element q (nxt[q] = leader): distance to q by list
+    # ranking, where q points to itself.
+    last = nxt == leader
+    succ = torch.where(last, torch.arange(v, device=perm.device), nxt)
+    dist = (~last).long()
+    for _ in range(rounds):
+        dist = dist + dist[succ]
+        succ = succ[succ]
+    length = dist[leader] + 1
+    return leader, length - 1 - dist, length
+
+
+def permute_rows_(x: torch.Tensor, perm: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
+    """Move row p of ``x`` to row perm[p] for every p, in place (``perm``: a permutation of x's rows, int32 or
+    int64), through ``buffer`` (B x x.shape[1], x's dtype): ~x's bytes read and written twice, no host sync.
+
+    The positions are listed cycle by cycle (each from its smallest position, in the moves' order), and the
+    list is moved in batches of B from its end backward: a batch is gathered whole into ``buffer`` before any
+    of it is written, and its rows go to positions it has just read or that a later batch has read, except
+    a cycle's last row, whose target (the cycle's first position) lies in an earlier batch when the cycle
+    spans batches: that row waits in a side buffer (at most one per batch) until every batch has run."""
+    v, d = x.shape
+    if perm.numel() != v:
+        raise ValueError(f"perm has {perm.numel()} entries for {v} rows")
+    b = buffer.shape[0]
+    if v == 0:
+        return x
+    leader, rank, length = _cycles(perm)
+    # start of each cycle in the list: the lengths of the cycles with a smaller leader, summed
+    starts = torch.cumsum(torch.where(rank == 0, length, 0), 0) - torch.where(rank == 0, length, 0)
+    position = starts[leader] + rank  # p's place in the list
+    order = torch.empty_like(position).scatter_(0, position, torch.arange(v, device=x.device))
+    target = perm.long()[order]
+    # A cycle's last row whose cycle began in an earlier batch: parked in side row (its batch), else -1.
+    place = torch.arange(v, device=x.device)
+    last_rank = rank[order] == length[order] - 1
+    parked = last_rank & (place - rank[order] < (place // b) * b)
+    n_batches = -(-v // b)
+    side_index = torch.where(parked, place // b, -1)
+    side_target = torch.full((n_batches,), -1, dtype=torch.long, device=x.device)
+    side_target.scatter_reduce_(0, torch.where(parked, place // b, n_batches - 1), torch.where(parked, target, -1),
+                                reduce="amax")
+    target = torch.where(parked, -1, target)
+    side = torch.empty((n_batches, d), dtype=x.dtype, device=x.device)
+    for s0 in range((n_batches - 1) * b, -1, -b):
+        s1 = min(s0 + b, v)
+        rows = buffer[: s1 - s0]
+        torch.index_select(x, 0, order[s0:s1], out=rows)
+        scatter_rows(x, target[s0:s1], rows, add=False)
+        scatter_rows(side, side_index[s0:s1], rows, add=False)
+    scatter_rows(x, side_target, side, add=False)
+    return x
 
 
 def _slab_view(buffer: torch.Tensor, n: int, cols: int) -> torch.Tensor:

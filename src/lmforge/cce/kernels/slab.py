@@ -150,7 +150,8 @@ def slab_grad_kernel(
 @triton.jit
 def scatter_rows_kernel(Src, Dst, Index, n_rows, D, stride_src, stride_dst,
                         ADD: tl.constexpr, ROUND_BF16: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Dst[Index[i]] = Src[i] (or += with ``ADD``, summed in fp32 and rounded once) for i < n_rows.
+    """Dst[Index[i]] = Src[i] (or += with ``ADD``, summed in fp32 and rounded once) for i < n_rows; rows with
+    Index[i] < 0 are skipped.
 
     The sorted order's dC slab goes back to the vocabulary's rows this way. Index is a permutation's slice,
     so no two programs write one row and no atomics are needed: a pure copy at memory speed, where torch's
@@ -158,9 +159,9 @@ def scatter_rows_kernel(Src, Dst, Index, n_rows, D, stride_src, stride_dst,
     ``index_add_`` adds with bf16 atomics."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    row_ok = rows < n_rows
+    dst_rows = tl.load(Index + rows, mask=rows < n_rows, other=-1).to(tl.int64)
+    row_ok = (rows < n_rows) & (dst_rows >= 0)
     mask = row_ok[:, None] & (cols < D)[None, :]
-    dst_rows = tl.load(Index + rows, mask=row_ok, other=0).to(tl.int64)
     x = tl.load(Src + rows[:, None].to(tl.int64) * stride_src + cols[None, :], mask=mask, other=0.0)
     out = Dst + dst_rows[:, None] * stride_dst + cols[None, :]
     if ADD:
