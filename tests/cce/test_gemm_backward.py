@@ -9,8 +9,8 @@ import itertools
 import pytest
 import torch
 
-from lmforge.cce import gemm_impl
-from tests.cce.test_api import N, V, make_inputs, rel_err
+from lmforge.cce import gemm_impl, triton_impl
+from tests.cce.test_api import N, V, make_inputs, rel_err, sharp_rows
 from tests.cce.test_tma_forward import float64_stats, force_plan
 from tests.conftest import DEVICE
 
@@ -101,7 +101,7 @@ def filtered_float64_grads(e, c, b, t, g_lse, softcap, perm, depth, cols):
     gradients are zero at every sorted position >= depth_i * cols (its dropped trailing slabs)."""
     e64, c64, b64 = e.cpu().double(), c.cpu().double(), b.cpu().double()
     x = e64 @ c64.T + b64
-    z = softcap * torch.tanh(x / softcap)
+    z = softcap * torch.tanh(x / softcap) if softcap is not None else x
     dz = torch.softmax(z, 1)
     t = t.cpu()
     valid = (t >= 0) & (t < z.shape[1])
@@ -110,7 +110,7 @@ def filtered_float64_grads(e, c, b, t, g_lse, softcap, perm, depth, cols):
     position = torch.empty(z.shape[1], dtype=torch.long)
     position[perm.cpu().long()] = torch.arange(z.shape[1])
     dz *= position[None, :] < depth.cpu()[:, None] * cols
-    dx = dz * (1 - torch.tanh(x / softcap) ** 2)
+    dx = dz * (1 - torch.tanh(x / softcap) ** 2) if softcap is not None else dz
     return dx @ c64, dx.T @ e64, dx.sum(0)
 
 
@@ -272,6 +272,58 @@ def test_scatter_rows_matches_torch_index_ops(dtype, add):
     want = before.clone()
     want.index_copy_(0, index[skip >= 0], src.flip(0)[skip >= 0])
     assert torch.equal(dst, want)
+
+
+def test_dc_host_layout_applies_only_where_the_deepest_chunk_alone_visits_the_hosts():
+    # 400 columns in 32-column slabs (13, the last of 16), chunks of 16 rows: the accumulator takes dC's
+    # last 32 rows, the classifier slab the 32 before, so slabs 10-12 are the hosts.
+    counts = [37] * 10 + [7, 5, 3]
+    assert gemm_impl._dc_host_layout(37, 40, 400, 32, 16, counts, dz_bytes=2) == (10, 368, 336)
+    # slab 10 visited beyond the deepest chunk's 16 rows; or by more rows (8) than fit beside their dz (16 x
+    # 32 bf16 of buffer: 8 x 32 of dz + 8 x 40 of gathered rows is more)
+    for first_count in (17, 8):
+        assert gemm_impl._dc_host_layout(37, 40, 400, 32, 16, [37] * 10 + [first_count, 5, 3], dz_bytes=2) is None
+    assert gemm_impl._dc_host_layout(37, 40, 100, 32, 16, [37, 20, 9, 3], dz_bytes=2) is None  # no room
+    assert gemm_impl._dc_host_layout(37, 36, 400, 32, 16, counts, dz_bytes=2) is None  # rows not 16-byte aligned
+
+
+@pytest.mark.parametrize("tma", ["0", "1"], ids=["cublas", "tma"])
+def test_backward_in_dc_workspace_matches_the_sorted_plan(monkeypatch, tma):
+    # Route (e): the filtered backward with its accumulator and gathered classifier slab in dC's own buffer
+    # (dC formed in the sorted order, host slabs last, everything moved back in place) gives the sorted plan's
+    # gradients: dE bit for bit (the same fp32 sums, rounded once), dC up to the order in which the two
+    # chunks' parts are rounded, both within bf16 rounding of the float64 gradients with the same cut.
+    monkeypatch.setenv("LMFORGE_CCE_TMA", tma)
+    monkeypatch.setenv("LMFORGE_CCE_SLAB_MB", str(32 * N * 4 / 2**20))
+    monkeypatch.setattr(gemm_impl, "DENSE_SHARE", 1.01)
+    v = 400
+    e, c, t = (x.detach() for x in sharp_rows(v, seed=2))
+    g_lse = torch.full((N,), 1.0 / N, device=DEVICE)
+    perm = triton_impl.vocab_order(e, c, None)
+    table = torch.empty((gemm_impl.n_slabs(N, v), N), dtype=torch.float32, device=DEVICE)
+    lse, _, _, mu = gemm_impl.forward_stats(e, c, None, t, perm=perm, slab_lse=table)
+    eps = 2.0 ** -6  # the last slabs are visited by a few rows (6, 5 and 4 of 37)
+    targets, _ = gemm_impl._permuted(t, None, perm, v)
+    depth = gemm_impl.row_depths(table, lse, g_lse, -g_lse, targets, 32, eps)
+    counts = torch.bincount(depth, minlength=14).flip(0).cumsum(0).flip(0)[1:].tolist()
+    assert gemm_impl._dc_host_layout(N, 40, v, 32, 16, counts, dz_bytes=2) is not None, counts
+    force_plan(monkeypatch, 16, 32)
+    hosted_calls = []
+    hosted = gemm_impl._backward_dc_hosted
+    monkeypatch.setattr(gemm_impl, "_backward_dc_hosted", lambda *a, **k: hosted_calls.append(1) or hosted(*a, **k))
+    results = []
+    for flag in ("0", "1"):
+        monkeypatch.setenv("LMFORGE_CCE_DC_WORKSPACE", flag)
+        results.append(gemm_impl.backward(e, c, None, t, lse, mu, g_lse, -g_lse, None, None, perm=perm,
+                                          slab_lse=table, filter_eps=eps))
+    assert hosted_calls == [1]
+    (de0, dc0, _), (de1, dc1, db1) = results
+    assert db1 is None and de1.dtype == dc1.dtype == torch.bfloat16
+    assert torch.equal(de1, de0)
+    assert rel_err(dc1, dc0) < 4e-3
+    want_de, want_dc, _ = filtered_float64_grads(e, c, torch.zeros(v, device=DEVICE), t, g_lse, None, perm,
+                                                 depth, 32)
+    assert rel_err(de1, want_de) < 1.2e-2 and rel_err(dc1, want_dc) < 1.2e-2
 
 
 def _permutation(kind: str, v: int, g: torch.Generator) -> torch.Tensor:

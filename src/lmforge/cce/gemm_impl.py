@@ -353,21 +353,26 @@ def permute_rows_(x: torch.Tensor, perm: torch.Tensor, buffer: torch.Tensor) -> 
     if v == 0:
         return x
     leader, rank, length = _cycles(perm)
-    # start of each cycle in the list: the lengths of the cycles with a smaller leader, summed
-    starts = torch.cumsum(torch.where(rank == 0, length, 0), 0) - torch.where(rank == 0, length, 0)
-    position = starts[leader] + rank  # p's place in the list
+    # start of each cycle in the list: the lengths of the cycles with a smaller leader, summed (V-long index
+    # vectors are dropped as soon as they are used: this runs at the end of a backward, beside dE and dC)
+    heads = torch.where(rank == 0, length, 0)
+    position = (torch.cumsum(heads, 0) - heads)[leader] + rank  # p's place in the list
+    del heads, leader
     order = torch.empty_like(position).scatter_(0, position, torch.arange(v, device=x.device))
-    target = perm.long()[order]
-    # A cycle's last row whose cycle began in an earlier batch: parked in side row (its batch), else -1.
+    del position
     place = torch.arange(v, device=x.device)
-    last_rank = rank[order] == length[order] - 1
-    parked = last_rank & (place - rank[order] < (place // b) * b)
+    rank = rank[order]
+    # A cycle's last row whose cycle began in an earlier batch: parked in side row (its batch), else -1.
+    parked = (rank == length[order] - 1) & (place - rank < (place // b) * b)
+    del rank, length
     n_batches = -(-v // b)
     side_index = torch.where(parked, place // b, -1)
+    target = perm.long()[order]
     side_target = torch.full((n_batches,), -1, dtype=torch.long, device=x.device)
     side_target.scatter_reduce_(0, torch.where(parked, place // b, n_batches - 1), torch.where(parked, target, -1),
                                 reduce="amax")
     target = torch.where(parked, -1, target)
+    del parked, place
     side = torch.empty((n_batches, d), dtype=x.dtype, device=x.device)
     for s0 in range((n_batches - 1) * b, -1, -b):
         s1 = min(s0 + b, v)
@@ -603,6 +608,137 @@ def _logit_grad_tma(e, c_rows, slab_bias, slab_targets, vectors, softcap, grads:
     return launch
 
 
+def grads_of(g_lse, g_tgt, g_sum, g_mu) -> dict:
+    """The gradient kernels' flags for which upstream gradients are present."""
+    return dict(HAS_G_LSE=g_lse is not None, HAS_G_TGT=g_tgt is not None,
+                HAS_G_SUM=g_sum is not None, HAS_G_MU=g_mu is not None)
+
+
+def dc_workspace() -> bool:
+    """Whether the filtered backward may keep its workspace in dC's own buffer (``LMFORGE_CCE_DC_WORKSPACE=1``,
+    route (e) of docs/cce-tuning.md; off by default until it is timed on a GPU)."""
+    return os.environ.get("LMFORGE_CCE_DC_WORKSPACE", "0") == "1"
+
+
+def _dc_host_layout(n: int, d: int, vocab: int, cols: int, rows: int, counts: list, *, dz_bytes: int):
+    """Where :func:`_backward_dc_hosted` keeps its workspace in dC's buffer (rows in the sorted order), or None
+    where it does not apply: (first host slab, first row of the fp32 accumulator, first row of the gathered
+    classifier slab). The accumulator (rows x d fp32 = 2 rows x d of dC per row) sits in the buffer's last
+    2 * rows rows, the classifier slab (cols rows) just before; the host slabs are the trailing slabs that
+    cover both. Only the deepest chunk's rows may visit them (their counts <= rows), and when their dC is
+    formed at the end those rows (in depth order) must fit beside their dz in the dz buffer. For 16-bit
+    inputs (two dC entries hold one fp32 entry)."""
+    acc_row = vocab - 2 * rows
+    c_row = acc_row - cols
+    if c_row < 0 or d % 8:
+        return None
+    first = c_row // cols
+    if first == 0 or counts[first] > rows:
+        return None
+    k = counts[first]  # counts never grow along the sorted order
+    if k * cols * dz_bytes + k * d * 2 > rows * cols * dz_bytes:
+        return None
+    if (acc_row * d * 2) % 16 or (c_row * d * 2) % 16 or any(
+            (start * d * 2) % 16 for start in range(first * cols, vocab, cols)):
+        return None  # TMA and cuBLAS want 16-byte aligned rows
+    return first, acc_row, c_row
+
+
+def _backward_dc_hosted(e, c, perm, order, counts, vectors, slab_bias, slab_targets, softcap, grads, cfg, *,
+                        tma, rows, cols_per_slab, host):
+    """The filtered backward (rows in depth order, vocabulary sorted) with its accumulator and gathered
+    classifier slab kept in dC's own buffer (route (e) of docs/cce-tuning.md): dC is formed in the sorted
+    order, each slab's rows contiguous in place, and moved to the vocabulary's rows at the end
+    (:func:`permute_rows_`); the trailing host slabs, visited only by the deepest chunk's rows, are done
+    last. The workspace beyond dE and dC is the dz buffer alone. Returns (dE, dC)."""
+    n, d = e.shape
+    vocab = c.shape[0]
+    first_host, acc_row, c_row = host
+    host_start = first_host * cols_per_slab
+    chunks = -(-n // rows)
+    dc = torch.empty_like(c, memory_format=torch.contiguous_format)
+    de = torch.empty((n, d), dtype=e.dtype, device=e.device)
+    buffer = torch.empty(rows * cols_per_slab, dtype=e.dtype if tma else torch.float32, device=e.device)
+    narrow = buffer.view(e.dtype) if e.dtype != torch.float32 else buffer
+    per_z = narrow.numel() // buffer.numel()
+    acc_all = dc[acc_row:].view(-1).view(torch.float32).view(rows, d)
+    c_buffer = dc[c_row:c_row + cols_per_slab]
+
+    def dz_of(k, cols, start, e_rows, c_rows, chunk_vectors, chunk_targets, grad_tma):
+        """dz (k x cols) of e_rows[:k] against c_rows (the slab's classifier rows, already gathered)."""
+        if tma:
+            dz = buffer[: k * cols].view(k, cols)
+            grad_tma(k, 0, cols, start, dz)
+            return dz
+        z = _slab_view(buffer, k, cols)
+        _logits_into(z, e_rows[:k], c_rows)
+        dz = narrow[: k * cols * per_z].view(k, cols * per_z)[:, :cols]
+        slab_grad_kernel[(triton.cdiv(k, cfg["BLOCK_N"]),)](
+            z, dz, slab_bias if slab_bias is not None else z, chunk_targets, *chunk_vectors,
+            k, cols, start, z.stride(0), dz.stride(0), float(softcap) if softcap is not None else 1.0,
+            HAS_BIAS=slab_bias is not None, HAS_SOFTCAP=softcap is not None,
+            BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], **grads, **_launch(cfg))
+        return dz
+
+    for chunk in reversed(range(chunks)):  # shallow rows first: the deepest chunk is the only one at the hosts
+        r0 = chunk * rows
+        m = min(rows, n - r0)
+        e_chunk = torch.index_select(e, 0, order[r0:r0 + m], out=de[r0:r0 + m])
+        chunk_vectors = tuple(v[r0:r0 + m] for v in vectors)
+        chunk_targets = slab_targets[r0:r0 + m]
+        acc = acc_all[:m].zero_()
+        grad_tma = (_logit_grad_tma(e_chunk, c_buffer, slab_bias, chunk_targets, chunk_vectors, softcap, grads)
+                    if tma else None)
+        first_written = chunk == chunks - 1
+        for index, start in enumerate(range(0, vocab, cols_per_slab)):
+            k = min(max(counts[index] - r0, 0), m)
+            cols = min(cols_per_slab, vocab - start)
+            hosted = start >= host_start
+            if k == 0:
+                if first_written and not hosted:
+                    dc[start:start + cols].zero_()
+                continue
+            c_slab = _classifier_slab(c, perm, start, cols, c_buffer)
+            dz = dz_of(k, cols, start, e_chunk, c_slab, chunk_vectors, chunk_targets, grad_tma)
+            _accumulate_matmul(acc[:k], dz, c_slab)
+            if hosted:
+                continue  # its dC comes once the accumulator has left these rows
+            if first_written:
+                torch.mm(dz.t(), e_chunk[:k], out=dc[start:start + cols])
+            else:
+                dc[start:start + cols].addmm_(dz.t(), e_chunk[:k])
+        de[r0:r0 + m].copy_(acc)  # the chunk's dE, rounded once, over its gathered rows
+    # The host slabs' dC: their rows are free now. Each gathers its own classifier rows into its own dC rows,
+    # recomputes dz for the few deep rows that visit it (gathered again, beside dz in the buffer), and forms
+    # its dC over them (the product reads dz and the rows, not the classifier rows it overwrites).
+    acc_all = acc = c_buffer = None
+    m0 = min(rows, n)
+    k_max = counts[first_host]
+    head = tuple(v[:m0] for v in vectors)
+    e_rows = narrow[narrow.numel() - k_max * d:].view(k_max, d) if k_max else None
+    if k_max:
+        torch.index_select(e, 0, order[:k_max], out=e_rows)
+    for index in range(first_host, len(counts)):
+        start = index * cols_per_slab
+        cols = min(cols_per_slab, vocab - start)
+        k = counts[index]
+        own = dc[start:start + cols]
+        if k == 0:
+            own.zero_()
+            continue
+        c_slab = _classifier_slab(c, perm, start, cols, own)
+        grad_tma = (_logit_grad_tma(e_rows, own, slab_bias, slab_targets[:k_max], head, softcap, grads)
+                    if tma else None)
+        dz = dz_of(k, cols, start, e_rows, c_slab, head, slab_targets[:m0], grad_tma)
+        torch.mm(dz.t(), e_rows[:k], out=own)
+    # Back to the vocabulary's rows (dC) and the tokens' rows (dE), in place, through the dz buffer.
+    dz = c_slab = e_rows = grad_tma = None
+    moves = narrow.view(-1)[: (narrow.numel() // d) * d].view(-1, d)
+    permute_rows_(dc, perm, moves)
+    permute_rows_(de, order, moves)
+    return de, dc
+
+
 def backward(e, c, bias, targets, lse, mean_logit, g_lse, g_tgt, g_sum, g_mu, *, softcap=None,
              need_de=True, need_dc=True, need_db=False, slab_bytes=None, perm=None, slab_lse=None,
              filter_eps=None, de_dtype=None):
@@ -668,6 +804,14 @@ def backward(e, c, bias, targets, lse, mean_logit, g_lse, g_tgt, g_sum, g_mu, *,
                                                                                             e.element_size()),
                                     max_chunks=EXACT_MAX_CHUNKS if perm is None else None)
     chunks = -(-n // rows)
+    host = (_dc_host_layout(n, d, vocab, cols_per_slab, rows, counts, dz_bytes=e.element_size() if tma else 4)
+            if rows_in_de and need_dc and not need_db and piece == cols_per_slab and c.dtype == e.dtype
+            and e.element_size() == 2 and dc_workspace() else None)
+    if host is not None:
+        de, dc = _backward_dc_hosted(e, c, perm, order, counts, vectors, slab_bias, slab_targets, softcap,
+                                     grads_of(g_lse, g_tgt, g_sum, g_mu), cfg, tma=tma, rows=rows,
+                                     cols_per_slab=cols_per_slab, host=host)
+        return de, dc, None
     buffer = torch.empty(rows * piece, dtype=e.dtype if tma else torch.float32, device=e.device)
     de = torch.zeros((n, d), dtype=out_dtype, device=e.device) if de_direct else None
     de32 = torch.zeros((rows, d), dtype=torch.float32, device=e.device) if need_de and not de_direct else None
@@ -683,8 +827,7 @@ def backward(e, c, bias, targets, lse, mean_logit, g_lse, g_tgt, g_sum, g_mu, *,
     # dz lives in the logit buffer: in the inputs' dtype, row i over the first bytes of row i of z.
     narrow = buffer.view(e.dtype) if e.dtype != torch.float32 else buffer
     per_z = narrow.numel() // buffer.numel()  # elements of dz per element of z (2 for 16-bit inputs)
-    grads = dict(HAS_G_LSE=g_lse is not None, HAS_G_TGT=g_tgt is not None,
-                 HAS_G_SUM=g_sum is not None, HAS_G_MU=g_mu is not None)
+    grads = grads_of(g_lse, g_tgt, g_sum, g_mu)
     z = dz = c_slab = dc_slab = grad_tma = None
     for chunk in range(chunks):
         r0 = chunk * rows
