@@ -1,6 +1,7 @@
 """The CCE benchmark harness (lmforge bench cce / bench/cce_gpu.py) on the CPU, on a tiny shape."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -45,6 +46,28 @@ def test_benchmark_rejects_unknown_impls_and_dtypes(tmp_path):
         run_benchmark(CCEBenchConfig(shapes=["8x8x16"], impls=("nope",), out_dir=str(tmp_path)), progress=False)
     with pytest.raises(ValueError, match="dtype must be"):
         run_benchmark(CCEBenchConfig(shapes=["8x8x16"], dtype="int8", out_dir=str(tmp_path)), progress=False)
+
+
+def test_an_implementations_environment_holds_during_its_measurement_only(monkeypatch, tmp_path):
+    # "lmforge_dc_workspace" is the default loss measured with LMFORGE_CCE_DC_WORKSPACE=1 (read by the GEMM
+    # backward, after the loss function has returned): set around the whole measurement, then restored.
+    import lmforge.cce.benchmark as bench
+
+    monkeypatch.delenv("LMFORGE_CCE_DC_WORKSPACE", raising=False)
+    seen = []
+    measure = bench.measure
+
+    def spy(name, *args, **kwargs):
+        seen.append((name, os.environ.get("LMFORGE_CCE_DC_WORKSPACE")))
+        return measure(name, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "measure", spy)
+    config = CCEBenchConfig(shapes=["16x8x40"], regimes=("random",), impls=("lmforge", "lmforge_dc_workspace"),
+                            warmup=0, repeats=1, out_dir=str(tmp_path))
+    rows = run_benchmark(config, progress=False)["rows"]
+    assert seen == [("lmforge", None), ("lmforge_dc_workspace", "1")]
+    assert "LMFORGE_CCE_DC_WORKSPACE" not in os.environ
+    assert [r["impl"] for r in rows] == ["lmforge", "lmforge_dc_workspace"]
 
 
 def test_compare_flag_runs_every_implementation_and_regime(monkeypatch, tmp_path):

@@ -326,6 +326,28 @@ def test_backward_in_dc_workspace_matches_the_sorted_plan(monkeypatch, tma):
     assert rel_err(de1, want_de) < 1.2e-2 and rel_err(dc1, want_dc) < 1.2e-2
 
 
+def test_loss_with_the_dc_workspace_matches_the_default(monkeypatch):
+    # The same route through the public loss and autograd (the forward's own sorted order and table).
+    from lmforge.cce import linear_cross_entropy
+
+    monkeypatch.setenv("LMFORGE_CCE_SLAB_MB", str(32 * N * 4 / 2**20))
+    monkeypatch.setattr(gemm_impl, "FILTER_MIN_D", 1)
+    monkeypatch.setattr(gemm_impl, "DENSE_SHARE", 1.01)
+    force_plan(monkeypatch, 16, 32)
+    hosted_calls = []
+    hosted = gemm_impl._backward_dc_hosted
+    monkeypatch.setattr(gemm_impl, "_backward_dc_hosted", lambda *a, **k: hosted_calls.append(1) or hosted(*a, **k))
+    e, c, t = sharp_rows(400, seed=2)
+    grads = []
+    for flag in ("0", "1"):
+        monkeypatch.setenv("LMFORGE_CCE_DC_WORKSPACE", flag)
+        e.grad = c.grad = None
+        linear_cross_entropy(e, c, t, impl="gemm", filter_eps=2.0 ** -6).backward()
+        grads.append((e.grad.clone(), c.grad.clone()))
+    assert hosted_calls == [1]
+    assert torch.equal(grads[1][0], grads[0][0]) and rel_err(grads[1][1], grads[0][1]) < 4e-3
+
+
 def _permutation(kind: str, v: int, g: torch.Generator) -> torch.Tensor:
     if kind == "random":
         return torch.randperm(v, generator=g)

@@ -11,8 +11,10 @@ Memory: on CUDA from the caching allocator's peak; on the CPU from the process's
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
 import re
 import statistics
 import time
@@ -116,7 +118,11 @@ def _apple(impl):
 
 
 IMPLEMENTATIONS = {"lmforge": lmforge_loss, "lmforge_triton": lmforge_triton_loss,
-                   "lmforge_exact": lmforge_exact_loss, "lmforge_fast": lmforge_fast_loss, "torch": torch_loss}
+                   "lmforge_exact": lmforge_exact_loss, "lmforge_fast": lmforge_fast_loss, "torch": torch_loss,
+                   "lmforge_dc_workspace": lmforge_loss}
+# Environment variables an implementation runs under (forward and backward), restored afterwards:
+# "lmforge_dc_workspace" is the default with the filtered backward's workspace in dC's buffer (opt-in).
+IMPL_ENV = {"lmforge_dc_workspace": {"LMFORGE_CCE_DC_WORKSPACE": "1"}}
 # Peers are imported only when asked for (they are optional, and only some run on the CPU).
 PEERS = {"torch_lce": _torch_linear_cross_entropy, "torch_compile": _torch_compile, "liger": _liger,
          "apple_cce": _apple("cce"), "apple_cce_exact": _apple("cce_exact")}
@@ -125,6 +131,21 @@ PEERS = {"torch_lce": _torch_linear_cross_entropy, "torch_compile": _torch_compi
 COMPARE_IMPLS = {"cuda": ("lmforge", "lmforge_exact", "lmforge_fast", "lmforge_triton", "torch", "torch_compile",
                           "liger", "apple_cce", "apple_cce_exact"),
                  "cpu": ("lmforge", "torch", "torch_compile", "torch_lce")}
+
+
+@contextlib.contextmanager
+def _environment(values: dict):
+    """Set environment variables for the duration of the block, then restore them."""
+    before = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def compare_impls(device: str = "auto") -> tuple[str, ...]:
@@ -309,8 +330,9 @@ def run_benchmark(config: CCEBenchConfig, progress: bool = True) -> dict:
         for impl in config.impls:
             bar.set_postfix_str(f"{name}/{regime}: {impl}")
             try:
-                row = measure(impl, loss_function(impl), e, c, t, ref,
-                              warmup=config.warmup, repeats=config.repeats)
+                with _environment(IMPL_ENV.get(impl, {})):
+                    row = measure(impl, loss_function(impl), e, c, t, ref,
+                                  warmup=config.warmup, repeats=config.repeats)
             except Exception as err:  # a peer that fails on this shape/device is reported, not fatal
                 if impl in IMPLEMENTATIONS:
                     raise
