@@ -608,6 +608,23 @@ def _logit_grad_tma(e, c_rows, slab_bias, slab_targets, vectors, softcap, grads:
     return launch
 
 
+def _slab_dz(buffer, k, cols, start, e_rows, c_rows, slab_bias, targets, vectors, softcap, grads, cfg):
+    """dz (k x cols, e_rows' dtype) of e_rows[:k] against the classifier rows c_rows without the TMA kernel:
+    cuBLAS writes the fp32 logits into ``buffer`` (float32) and :func:`slab_grad_kernel` turns them into dz in
+    place, row i of dz over the first bytes of row i of the logits."""
+    z = _slab_view(buffer, k, cols)
+    _logits_into(z, e_rows[:k], c_rows)
+    narrow = buffer.view(e_rows.dtype) if e_rows.dtype != torch.float32 else buffer
+    per_z = narrow.numel() // buffer.numel()  # elements of dz per element of z (2 for 16-bit inputs)
+    dz = narrow[: k * cols * per_z].view(k, cols * per_z)[:, :cols]
+    slab_grad_kernel[(triton.cdiv(k, cfg["BLOCK_N"]),)](
+        z, dz, slab_bias if slab_bias is not None else z, targets, *vectors,
+        k, cols, start, z.stride(0), dz.stride(0), float(softcap) if softcap is not None else 1.0,
+        HAS_BIAS=slab_bias is not None, HAS_SOFTCAP=softcap is not None,
+        BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], **grads, **_launch(cfg))
+    return dz
+
+
 def grads_of(g_lse, g_tgt, g_sum, g_mu) -> dict:
     """The gradient kernels' flags for which upstream gradients are present."""
     return dict(HAS_G_LSE=g_lse is not None, HAS_G_TGT=g_tgt is not None,
@@ -660,7 +677,6 @@ def _backward_dc_hosted(e, c, perm, order, counts, vectors, slab_bias, slab_targ
     de = torch.empty((n, d), dtype=e.dtype, device=e.device)
     buffer = torch.empty(rows * cols_per_slab, dtype=e.dtype if tma else torch.float32, device=e.device)
     narrow = buffer.view(e.dtype) if e.dtype != torch.float32 else buffer
-    per_z = narrow.numel() // buffer.numel()
     acc_all = dc[acc_row:].view(-1).view(torch.float32).view(rows, d)
     c_buffer = dc[c_row:c_row + cols_per_slab]
 
@@ -670,15 +686,8 @@ def _backward_dc_hosted(e, c, perm, order, counts, vectors, slab_bias, slab_targ
             dz = buffer[: k * cols].view(k, cols)
             grad_tma(k, 0, cols, start, dz)
             return dz
-        z = _slab_view(buffer, k, cols)
-        _logits_into(z, e_rows[:k], c_rows)
-        dz = narrow[: k * cols * per_z].view(k, cols * per_z)[:, :cols]
-        slab_grad_kernel[(triton.cdiv(k, cfg["BLOCK_N"]),)](
-            z, dz, slab_bias if slab_bias is not None else z, chunk_targets, *chunk_vectors,
-            k, cols, start, z.stride(0), dz.stride(0), float(softcap) if softcap is not None else 1.0,
-            HAS_BIAS=slab_bias is not None, HAS_SOFTCAP=softcap is not None,
-            BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], **grads, **_launch(cfg))
-        return dz
+        return _slab_dz(buffer, k, cols, start, e_rows, c_rows, slab_bias, chunk_targets, chunk_vectors, softcap,
+                        grads, cfg)
 
     for chunk in reversed(range(chunks)):  # shallow rows first: the deepest chunk is the only one at the hosts
         r0 = chunk * rows
@@ -824,11 +833,8 @@ def backward(e, c, bias, targets, lse, mean_logit, g_lse, g_tgt, g_sum, g_mu, *,
     c_buffer = torch.empty((piece, d), dtype=c.dtype, device=c.device) if perm is not None else None
     e_buffer = (torch.empty((rows, d), dtype=e.dtype, device=e.device) if order is not None and not rows_in_de
                 else None)
-    # dz lives in the logit buffer: in the inputs' dtype, row i over the first bytes of row i of z.
-    narrow = buffer.view(e.dtype) if e.dtype != torch.float32 else buffer
-    per_z = narrow.numel() // buffer.numel()  # elements of dz per element of z (2 for 16-bit inputs)
     grads = grads_of(g_lse, g_tgt, g_sum, g_mu)
-    z = dz = c_slab = dc_slab = grad_tma = None
+    dz = c_slab = dc_slab = grad_tma = None
     for chunk in range(chunks):
         r0 = chunk * rows
         m = min(rows, n - r0)
@@ -862,16 +868,8 @@ def backward(e, c, bias, targets, lse, mean_logit, g_lse, g_tgt, g_sum, g_mu, *,
                         dz = buffer[: k * cols].view(k, cols)
                         grad_tma(k, start if perm is None else 0, cols, start, dz)
                     else:
-                        z = _slab_view(buffer, k, cols)
-                        _logits_into(z, e_chunk[:k], c_slab)
-                        dz = narrow[: k * cols * per_z].view(k, cols * per_z)[:, :cols]
-                        slab_grad_kernel[(triton.cdiv(k, cfg["BLOCK_N"]),)](
-                            z, dz, slab_bias if slab_bias is not None else z, chunk_targets, *chunk_vectors,
-                            k, cols, start, z.stride(0), dz.stride(0),
-                            float(softcap) if softcap is not None else 1.0,
-                            HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
-                            BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], **grads, **_launch(cfg),
-                        )
+                        dz = _slab_dz(buffer, k, cols, start, e_chunk, c_slab, slab_bias, chunk_targets,
+                                      chunk_vectors, softcap, grads, cfg)
                     if acc is not None:
                         _accumulate_matmul(acc[:k], dz, c_slab)
                     if dc_slab is not None:  # after dE: in the sorted order it overwrites the gathered c_slab
@@ -898,7 +896,7 @@ def backward(e, c, bias, targets, lse, mean_logit, g_lse, g_tgt, g_sum, g_mu, *,
             de.index_copy_(0, order[r0:r0 + m], rounded.copy_(de32[:m]))
     # Free the workspace (the views hold the slab's storage) and the permuted rows before a single chunk's
     # dE is converted, so that the conversion's copies do not add to the slab's peak.
-    z = dz = e_chunk = c_slab = dc_slab = narrow = buffer = c_buffer = e_buffer = grad_tma = acc = None
+    dz = e_chunk = c_slab = dc_slab = buffer = c_buffer = e_buffer = grad_tma = acc = None
     if de32 is not None and chunks == 1 and not rows_in_de:
         de = de32.to(out_dtype)
     de32 = None
