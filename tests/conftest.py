@@ -21,12 +21,12 @@ HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 
 
-
 def free_loopback_port() -> int:
     """A free TCP port on 127.0.0.1 for a test's process group (network tests stay on loopback)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
 
 @pytest.fixture
 def device():
