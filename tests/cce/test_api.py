@@ -227,9 +227,13 @@ def test_gemm_slabs_do_not_change_results(monkeypatch, dtype):
         for a, b2 in zip(results[0], other):
             # A bf16 output (dE, dC) is the rounding of an fp32 sum whose order depends on the slab
             # width: a value within a few fp32 ulps of a bf16 rounding boundary may land one bf16 ulp
-            # (2^-8 relative to the binade, so < 2^-7 of the value) away. More than that is a bug.
-            rtol = 2**-7 if a.dtype == torch.bfloat16 else 2e-5
-            torch.testing.assert_close(a, b2, rtol=rtol, atol=2e-5)
+            # (2^-8 relative to the binade, so < 2^-7 of the value) away; and dz is itself rounded to bf16
+            # from an lse that differs by fp32 ulps, so an entry whose terms cancel may move by a few ulps of
+            # its terms (once 2 bf16 ulps, 4.9e-4, at an entry of 0.035 where the largest is ~7). Allowed:
+            # 2^-7 of the value plus 2^-12 of the largest entry. More than that is a bug.
+            bf16 = a.dtype == torch.bfloat16
+            torch.testing.assert_close(a, b2, rtol=2**-7 if bf16 else 2e-5,
+                                       atol=2**-12 * b2.abs().max().item() if bf16 else 2e-5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU-sized shapes: too slow for the interpreter")
