@@ -207,20 +207,24 @@ def test_cpu_time_limit_in_process_and_rlimit_backstop():
 # ------------------------------------------------------------------ memory, output, files
 
 
-def test_memory_bombs_raise_memory_error_and_state_kept(sandbox):
-    tid = fresh_id()
-    sandbox.run(tid, "keep = 11")
-    lost = sandbox.stats["workers_lost"]
-    for code in ("bytearray(10**10)",
-                 "chunks = []\nwhile True:\n    chunks.append(bytearray(10**7))",
-                 "import numpy as np\nnp.ones((10**6, 10**6))"):
-        result = sandbox.run(tid, code)
-        assert not result.ok and result.error_kind == "memory", result.output
-        assert "MemoryError" in result.output
-    assert "512 MiB" in sandbox.run(tid, "bytearray(10**10)").error
-    after = sandbox.run(tid, "del chunks\nkeep")
-    assert after.output == "11\n" and after.replayed_cells == 0
-    assert sandbox.stats["workers_lost"] == lost
+def test_memory_bombs_raise_memory_error_and_state_kept():
+    # Its own pool with generous time limits: filling 512 MiB ten MB at a time once took longer than the
+    # shared pool's 1.5 s on a loaded CI machine, which reported a timeout instead of the memory error.
+    config = SandboxConfig(**{**SMALL_LIMITS, "wall_time_s": 10.0, "cpu_time_s": 10.0, "max_parallel": 1})
+    with Sandbox(config) as sandbox:
+        tid = fresh_id()
+        sandbox.run(tid, "keep = 11")
+        lost = sandbox.stats["workers_lost"]
+        for code in ("bytearray(10**10)",
+                     "chunks = []\nwhile True:\n    chunks.append(bytearray(10**7))",
+                     "import numpy as np\nnp.ones((10**6, 10**6))"):
+            result = sandbox.run(tid, code)
+            assert not result.ok and result.error_kind == "memory", result.output
+            assert "MemoryError" in result.output
+        assert "512 MiB" in sandbox.run(tid, "bytearray(10**10)").error
+        after = sandbox.run(tid, "del chunks\nkeep")
+        assert after.output == "11\n" and after.replayed_cells == 0
+        assert sandbox.stats["workers_lost"] == lost
 
 
 def test_file_size_limit(sandbox):
