@@ -208,6 +208,18 @@ def test_chunking_does_not_change_results():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=4e-6 * b.abs().max().item())
 
 
+def assert_close_up_to_sum_order(a: torch.Tensor, b: torch.Tensor) -> None:
+    """a and b are the same statistics or gradients computed with fp32 sums in another order (slab widths, a
+    permuted vocabulary). fp32 results: 2e-5. A bf16 output (dE, dC) is the rounding of such a sum: a value
+    within a few fp32 ulps of a bf16 rounding boundary may land one bf16 ulp (< 2^-7 of the value) away; and
+    dz is itself rounded to bf16 from an lse that differs by fp32 ulps, so an entry whose terms cancel may move
+    by a few ulps of its terms (seen: 2 bf16 ulps, 4.9e-4, at an entry of 0.035 where the largest is ~7).
+    Allowed there: 2^-7 of the value plus 2^-12 of the largest entry. More than that is a bug."""
+    bf16 = a.dtype == torch.bfloat16
+    torch.testing.assert_close(a, b, rtol=2**-7 if bf16 else 2e-5,
+                               atol=2**-12 * b.abs().max().item() if bf16 else 2e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_gemm_slabs_do_not_change_results(monkeypatch, dtype):
     # Slabs of 32 and 48 columns (a ragged last one) against one slab of the whole vocabulary; the
@@ -225,15 +237,7 @@ def test_gemm_slabs_do_not_change_results(monkeypatch, dtype):
         results.append((*stats, *grads))
     for other in results[1:]:
         for a, b2 in zip(results[0], other):
-            # A bf16 output (dE, dC) is the rounding of an fp32 sum whose order depends on the slab
-            # width: a value within a few fp32 ulps of a bf16 rounding boundary may land one bf16 ulp
-            # (2^-8 relative to the binade, so < 2^-7 of the value) away; and dz is itself rounded to bf16
-            # from an lse that differs by fp32 ulps, so an entry whose terms cancel may move by a few ulps of
-            # its terms (once 2 bf16 ulps, 4.9e-4, at an entry of 0.035 where the largest is ~7). Allowed:
-            # 2^-7 of the value plus 2^-12 of the largest entry. More than that is a bug.
-            bf16 = a.dtype == torch.bfloat16
-            torch.testing.assert_close(a, b2, rtol=2**-7 if bf16 else 2e-5,
-                                       atol=2**-12 * b2.abs().max().item() if bf16 else 2e-5)
+            assert_close_up_to_sum_order(a, b2)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU-sized shapes: too slow for the interpreter")
@@ -331,8 +335,7 @@ def test_gemm_sorted_vocabulary_does_not_change_results(monkeypatch, dtype):
                                    need_db=True, perm=order, slab_lse=table, filter_eps=1.0)
         results.append((*stats, *grads))
     for a, b2 in zip(*results):
-        rtol = 2**-7 if a.dtype == torch.bfloat16 else 2e-5  # one bf16 ulp where the fp32 sum order changed
-        torch.testing.assert_close(a, b2, rtol=rtol, atol=2e-5)
+        assert_close_up_to_sum_order(a, b2)
 
 
 def test_gemm_row_depths_drop_the_longest_light_suffix_of_slabs():
