@@ -22,19 +22,19 @@ import torch  # noqa: E402
 from lmforge.cce import gemm_impl, linear_cross_entropy  # noqa: E402
 from lmforge.cce.benchmark import float64_reference, measure, parse_shape  # noqa: E402
 from lmforge.cce.regimes import calibrated_inputs, make_inputs, regime_stats  # noqa: E402
-from lmforge.cce.triton_impl import vocab_order  # noqa: E402
+from lmforge.cce.order import vocab_order  # noqa: E402
 
 
 def kept_share(e, c, t, eps: float) -> float:
     """Share of (slab, row) pairs the filtered backward visits for the mean loss (g_lse = g_tgt = 1 / N)."""
-    perm = vocab_order(e, c, None)
     n, vocab = e.shape[0], c.shape[0]
-    table = torch.empty((gemm_impl.n_slabs(n, vocab), n), dtype=torch.float32, device=e.device)
+    perm = vocab_order(e, c, None, gemm_impl.slab_columns(n, vocab))
+    table = gemm_impl.empty_table(e, c)  # the shipped forward's compact table
     lse, *_ = gemm_impl.forward_stats(e, c, None, t, perm=perm, slab_lse=table)
     targets, _ = gemm_impl._permuted(t, None, perm, vocab)
     g = torch.full((n,), 1.0 / n, device=e.device)
     depth = gemm_impl.row_depths(table, lse, g, -g, targets, gemm_impl.slab_columns(n, vocab), eps)
-    return depth.sum().item() / (n * table.shape[0])
+    return depth.sum().item() / (n * table.codes.shape[0])
 
 
 def main():

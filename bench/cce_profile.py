@@ -151,12 +151,13 @@ def step_timeline(events: list[dict], marker: str) -> list[dict]:
 
 def memory_probe(n=8192, d=2304, v=256000):
     """Peak extra memory of the forward's pieces, to find its workspace."""
-    from lmforge.cce import triton_impl
+    from lmforge.cce import gemm_impl, order, triton_impl
 
     e = torch.randn(n, d, device="cuda", dtype=torch.bfloat16)
     c = torch.randn(v, d, device="cuda", dtype=torch.bfloat16) / d ** 0.5
     t = torch.randint(0, v, (n,), device="cuda")
     for name, fn in (("vocab_order", lambda: triton_impl.vocab_order(e, c, None)),
+                     ("gemm slab order", lambda: order.vocab_order(e, c, None, gemm_impl.slab_columns(n, v))),
                      ("forward_stats", lambda: triton_impl.forward_stats(e, c, None, t)),
                      ("full forward", lambda: linear_cross_entropy(e.requires_grad_(), c, t))):
         fn()

@@ -1,7 +1,7 @@
 """How many rows visit each slab of the sorted vocabulary in the GEMM path's filtered backward.
 
 For one shape and data regime: the forward's per-slab log-sum-exp table (``gemm_impl.forward_stats`` over the
-vocabulary sorted by ``triton_impl.vocab_order``), each row's depth (``gemm_impl.row_depths``, the slabs it
+vocabulary in slabs by ``order.vocab_order``), each row's depth (``gemm_impl.row_depths``, the slabs it
 keeps at ``filter_eps``, its target's slab included) and, per slab, how many rows reach it (the backward's
 ``counts``). Route (e) in docs/cce-tuning.md needs the last slabs to be visited by few rows; this measures
 whether they are. Prints one JSON line (also written to ``--out``).
@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import torch  # noqa: E402
 
-from lmforge.cce import auto_filter_eps, gemm_impl, triton_impl  # noqa: E402
+from lmforge.cce import auto_filter_eps, gemm_impl, order, triton_impl  # noqa: E402
 from lmforge.cce.benchmark import parse_shape  # noqa: E402
 from lmforge.cce.regimes import make_inputs  # noqa: E402
 
@@ -28,22 +28,32 @@ def slab_counts(e, c, targets, filter_eps: float) -> tuple[list[int], torch.Tens
     """(rows reaching each slab, each row's depth) as the filtered backward would plan them (g_lse = 1 and
     g_tgt = -1 for every row: a mean loss with no ignored token)."""
     n, vocab = e.shape[0], c.shape[0]
-    perm = triton_impl.vocab_order(e, c, None)
     cols = gemm_impl.slab_columns(n, vocab)
-    table = torch.empty((gemm_impl.n_slabs(n, vocab), n), dtype=torch.float32, device=e.device)
-    if e.is_cuda:
+    n_slab = gemm_impl.n_slabs(n, vocab)
+    if e.is_cuda:  # the shipped path: the sorted order and the forward's compact table
+        perm = order.vocab_order(e, c, None, cols)
+        table = gemm_impl.empty_table(e, c)
         lse, *_ = gemm_impl.forward_stats(e, c, None, targets, perm=perm, slab_lse=table)
-    else:  # float32 logits by torch, 256 rows at a time (the Triton pass would run in the interpreter)
+    else:  # float32 logits by torch, 256 rows at a time (the Triton passes would run in the interpreter);
+        # the vocabulary fully sorted, the table grouped as on a 132-SM GPU
+        perm = triton_impl.vocab_order(e, c, None)
+        plain = torch.empty((n_slab, n), dtype=torch.float32, device=e.device)
         c_sorted = c[perm.long()].float()
         for r0 in range(0, n, 256):
             z = e[r0:r0 + 256].float() @ c_sorted.t()
             for k, start in enumerate(range(0, vocab, cols)):
-                table[k, r0:r0 + 256] = torch.logsumexp(z[:, start:start + cols], dim=1)
-        lse = torch.logsumexp(table, dim=0)
-    slab_targets, _ = gemm_impl._permuted(targets, None, perm, vocab)
+                plain[k, r0:r0 + 256] = torch.logsumexp(z[:, start:start + cols], dim=1)
+        lse = torch.logsumexp(plain, dim=0)
+        table = gemm_impl.encode_table(plain, gemm_impl.slabs_per_group(n, n_slab, 132, 128))
+    if e.is_cuda:
+        slab_targets = order.positions(perm, targets, vocab)
+    else:  # every target is a vocabulary index here
+        inverse = torch.empty(vocab, dtype=torch.long)
+        inverse[perm.long()] = torch.arange(vocab)
+        slab_targets = inverse[targets]
     ones = torch.ones(n, dtype=torch.float32, device=e.device)
     depth = gemm_impl.row_depths(table, lse, ones, -ones, slab_targets, cols, filter_eps)
-    counts = torch.bincount(depth, minlength=table.shape[0] + 1).flip(0).cumsum(0).flip(0)[1:]
+    counts = torch.bincount(depth, minlength=n_slab + 1).flip(0).cumsum(0).flip(0)[1:]
     return counts.tolist(), depth
 
 

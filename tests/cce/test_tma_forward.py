@@ -174,12 +174,13 @@ def test_tma_splits_cover_each_slab_in_whole_tiles_and_fill_the_waves(n_blocks, 
 def test_forward_without_autograd_does_not_sort_for_filtering(monkeypatch, impl):
     # Filtering serves the backward: under no_grad (inference, log-probabilities) the forward must not pay
     # for the sorted order, and its statistics are those of the exact forward.
-    from lmforge.cce import triton_impl
+    from lmforge.cce import order, triton_impl
 
     monkeypatch.setattr(gemm_impl, "FILTER_MIN_D", 1)
     calls = []
-    order = triton_impl.vocab_order
-    monkeypatch.setattr(triton_impl, "vocab_order", lambda *a: calls.append(1) or order(*a))
+    module = order if impl == "gemm" else triton_impl  # the GEMM path's slabs, the fused kernels' full sort
+    sort = module.vocab_order
+    monkeypatch.setattr(module, "vocab_order", lambda *a: calls.append(1) or sort(*a))
     e, c, t, _ = make_inputs(torch.bfloat16)
     with torch.no_grad():
         inference = linear_cross_entropy(e, c, t, impl=impl, filter_eps=2.0 ** -10, reduction="none")
@@ -188,3 +189,48 @@ def test_forward_without_autograd_does_not_sort_for_filtering(monkeypatch, impl)
     assert torch.equal(inference, exact.detach())
     linear_cross_entropy(e, c, t, impl=impl, filter_eps=2.0 ** -10).backward()
     assert calls  # with autograd the same call sorts
+
+
+@pytest.mark.parametrize("tma", ["1", "0"])
+@pytest.mark.parametrize("group", [1, 2, 3])
+def test_compact_table_bounds_every_slab_from_above_within_its_code_step(monkeypatch, tma, group):
+    # Both forwards fill a SlabTable: the grouped Hopper kernel (codes written in its epilogue) and cuBLAS
+    # slabs (the float32 table encoded). Statistics are those of the float32 table's forward, and each decoded
+    # bound lies above the float64 slab log-sum-exp by at most one code step plus how much the group's
+    # log-sum-exp grew after that slab.
+    cols = 16
+    e, c, t, b = make_inputs(torch.bfloat16, ignore_frac=0.2, with_bias=True, scale=3.0)
+    e, c, b = e.detach(), c.detach(), b.detach()
+    monkeypatch.setenv("LMFORGE_CCE_SLAB_MB", str(cols * N * 4 / 2**20))
+    monkeypatch.setenv("LMFORGE_CCE_TMA", tma)
+    perm = torch.randperm(V, generator=torch.Generator().manual_seed(5)).to(DEVICE, torch.int32)
+    n_slab = gemm_impl.n_slabs(N, V)
+    table = gemm_impl.SlabTable(torch.full((-(-n_slab // group), N), float("nan"), device=DEVICE),
+                                torch.zeros((n_slab, N), dtype=torch.uint8, device=DEVICE), group)
+    stats = gemm_impl.forward_stats(e, c, b, t, softcap=3.0, perm=perm, slab_lse=table)
+    plain = torch.empty((n_slab, N), device=DEVICE)
+    want = gemm_impl.forward_stats(e, c, b, t, softcap=3.0, perm=perm, slab_lse=plain)
+    for got, expected in zip(stats, want):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    ref = float64_stats(e.cpu(), c.cpu(), b.cpu(), t.cpu(), 3.0, perm.cpu(), cols)[-1]
+    padded = torch.cat([ref, torch.full((-n_slab % group, N), float("-inf"), dtype=torch.float64)])
+    running = torch.logcumsumexp(padded.view(-1, group, N), 1)
+    growth = (running[:, -1:] - running).reshape(-1, N)[:n_slab]  # the group's lse after the slab vs at it
+    bound = table.bounds().double().cpu()
+    assert bool((bound >= ref - 1e-5).all())
+    assert bool((bound <= ref + growth + 1 / gemm_impl.CODE_SCALE + 1e-5).all())
+    torch.testing.assert_close(table.lse.double().cpu(), running[:, -1], rtol=1e-5, atol=1e-5)
+    encoded = gemm_impl.encode_table(plain, group)  # the kernel's codes are the encoding's, up to fp32 rounding
+    assert int((table.codes.int() - encoded.codes.int()).abs().max()) <= 1
+
+
+@pytest.mark.parametrize("n,n_slab,sms,block_n,want", [(8192, 63, 132, 128, 16), (8192, 32, 132, 128, 8),
+                                                       (8192, 38, 132, 128, 10), (8192, 63, 4, 128, 63),
+                                                       (256, 10, 132, 128, 1)])
+def test_slabs_per_group_fill_whole_waves_with_the_fewest_groups(n, n_slab, sms, block_n, want):
+    per = gemm_impl.slabs_per_group(n, n_slab, sms, block_n)
+    assert per == want
+    blocks, groups = -(-n // block_n), -(-n_slab // per)
+    waves = -(-blocks * groups // sms)
+    if blocks * n_slab >= sms:  # enough work for a wave: at least a wave, and under 10% of SM-time idle
+        assert blocks * groups >= sms and blocks * n_slab / (waves * sms * per) >= 0.9

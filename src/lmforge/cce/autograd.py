@@ -10,7 +10,7 @@ import contextlib
 
 import torch
 
-from lmforge.cce import chunked, gemm_impl, triton_impl
+from lmforge.cce import chunked, gemm_impl, order, triton_impl
 
 
 def _like_stats(g, stats):
@@ -51,7 +51,7 @@ class LinearStats(torch.autograd.Function):
 
     @staticmethod
     def _forward(ctx, e, c, bias, targets, softcap, need_sum, need_mu, filter_eps, impl):
-        perm = tile_map = map_sub = None
+        perm = tile_map = map_sub = table = None
         if impl == "triton":
             # Filtering needs the forward's tile map over a sorted vocabulary; label smoothing (need_sum)
             # touches every logit, so nothing could be skipped then.
@@ -66,16 +66,19 @@ class LinearStats(torch.autograd.Function):
             # backward knows which rows each slab may skip without recomputing anything.
             if filter_eps is not None and not need_sum and not need_mu and any(ctx.needs_input_grad[:3]) \
                     and gemm_impl.filters(e.shape[1]) and gemm_impl.sorted_order_due(e, c, filter_eps):
-                perm = triton_impl.vocab_order(e, c, bias)
-                tile_map = torch.empty((gemm_impl.n_slabs(e.shape[0], c.shape[0]), e.shape[0]),
-                                       dtype=torch.float32, device=e.device)
+                perm = order.vocab_order(e, c, bias, gemm_impl.slab_columns(e.shape[0], c.shape[0]))
+                table = gemm_impl.empty_table(e, c)
             stats = gemm_impl.forward_stats(e, c, bias, targets, softcap=softcap, need_sum=need_sum,
-                                            need_mu=need_mu, perm=perm, slab_lse=tile_map)
+                                            need_mu=need_mu, perm=perm, slab_lse=table)
         else:
             stats = chunked.forward_stats(e, c, bias, targets, softcap=softcap,
                                           need_sum=need_sum, need_mu=need_mu)
         lse, _, _, mean_logit = stats
-        ctx.save_for_backward(e, c, bias, targets, lse, mean_logit, perm, tile_map)
+        if table is not None:  # the compact table's two tensors; its group size rides on ctx
+            tile_map, codes, ctx.table_group = table.lse, table.codes, table.group
+        else:
+            codes = None
+        ctx.save_for_backward(e, c, bias, targets, lse, mean_logit, perm, tile_map, codes)
         ctx.softcap, ctx.filter_eps, ctx.impl, ctx.map_sub = softcap, filter_eps, impl, map_sub
         ctx.set_materialize_grads(False)
         return tuple(stats)
@@ -87,7 +90,7 @@ class LinearStats(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, g_lse, g_tgt, g_sum, g_mu):
-        e, c, bias, targets, lse, mean_logit, perm, tile_map = ctx.saved_tensors
+        e, c, bias, targets, lse, mean_logit, perm, tile_map, codes = ctx.saved_tensors
         need_de, need_dc, need_db = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         group = ctx.de_group
         if all(g is None for g in (g_lse, g_tgt, g_sum, g_mu)) or not (need_de or need_dc or need_db):
@@ -105,7 +108,9 @@ class LinearStats(torch.autograd.Function):
         elif ctx.impl == "gemm":
             de, dc, db = gemm_impl.backward(e, c, bias, targets, lse, mean_logit, *grads,
                                             softcap=ctx.softcap, need_de=need_de, need_dc=need_dc,
-                                            need_db=need_db, perm=perm, slab_lse=tile_map,
+                                            need_db=need_db, perm=perm,
+                                            slab_lse=None if codes is None else gemm_impl.SlabTable(
+                                                tile_map, codes, ctx.table_group),
                                             filter_eps=ctx.filter_eps, de_dtype=de_dtype)
         else:
             de, dc, db = chunked.backward(e, c, bias, targets, lse, mean_logit, *grads,

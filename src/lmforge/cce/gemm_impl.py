@@ -22,9 +22,9 @@ the fp32 dE accumulator. Logits are fp32 end to end, so accuracy is that of the 
 dz's rounding to the input dtype.
 
 Gradient filtering (``filter_eps``): a dense GEMM cannot skip tiles, but it can skip rows. The forward
-visits the vocabulary sorted by mean logit (:func:`lmforge.cce.triton_impl.vocab_order`) and stores every
-row's log-sum-exp over each slab (N x n_slabs floats), so the backward knows each row's softmax mass per
-slab without recomputing anything. Each row drops its longest run of trailing slabs whose summed mass
+visits the vocabulary in slabs by mean logit (:func:`lmforge.cce.order.vocab_order`) and stores every
+row's log-sum-exp over each slab (a :class:`SlabTable`: about a byte per row and slab, an upper bound to
+1/16 nat), so the backward knows each row's softmax mass per slab without recomputing anything. Each row drops its longest run of trailing slabs whose summed mass
 stays <= filter_eps (:func:`row_depths`); with rows ordered by how many slabs they keep, each slab's three
 products run over a leading block of rows, at the dense products' rate and with no gathers. On SmolLM2's
 real activations (8192 tokens, 4096-column slabs, filter_eps 2^-12) rows keep 47% of (slab, row) pairs
@@ -35,10 +35,11 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import NamedTuple
 
 import torch
 
-from lmforge.cce import configs
+from lmforge.cce import configs, order
 from lmforge.cce.triton_impl import (HAS_TRITON, _accumulate_matmul, _launch_kwargs, _num_sms, combine_splits,
                                      interpreting)
 
@@ -393,17 +394,80 @@ def n_slabs(n: int, vocab: int, slab_bytes: int | None = None) -> int:
     return -(-vocab // slab_columns(n, vocab, slab_bytes))
 
 
+# Codes of the compact slab table per nat: a slab's mass is known to within 1/16 nat (6%), rounded up.
+CODE_SCALE = 16
+
+
+class SlabTable(NamedTuple):
+    """The filtered backward's view of each row's softmax mass per slab, in ~1 byte per (slab, row).
+
+    Slabs are taken ``group`` at a time (one forward program walks a group's slabs in order): ``lse`` holds
+    each group's log-sum-exp per row (float32, (groups, N)), the forward's partials; ``codes`` (uint8,
+    (slabs, N)) how far each slab's log-sum-exp lies below its group's running log-sum-exp once the slab is
+    in, in 1 / CODE_SCALE nats rounded down, capped at 255. Decoded against the whole group's (never
+    smaller), a code gives an upper bound of the slab's log-sum-exp (:meth:`bounds`): the backward then keeps
+    at least every slab it would keep with exact masses. At Gemma 2's shape (63 slabs, 8192 tokens, groups
+    of 16) that is 0.62 MB against the float32 table's 2.0."""
+
+    lse: torch.Tensor
+    codes: torch.Tensor
+    group: int
+
+    def bounds(self) -> torch.Tensor:
+        """(slabs, N) float32: an upper bound of every row's log-sum-exp over each slab."""
+        of_group = torch.arange(self.codes.shape[0], device=self.codes.device) // self.group
+        return self.lse.index_select(0, of_group) - self.codes.float() / CODE_SCALE
+
+
+def encode_table(slab_lse: torch.Tensor, group: int) -> SlabTable:
+    """The :class:`SlabTable` of a float32 (slabs, N) table of per-slab log-sum-exps: what the Hopper
+    forward writes directly (cuBLAS slabs write the float32 table first, then this)."""
+    n_slab, n = slab_lse.shape
+    n_groups = -(-n_slab // group)
+    padded = torch.full((n_groups * group, n), float("-inf"), dtype=torch.float32, device=slab_lse.device)
+    padded[:n_slab] = slab_lse
+    running = torch.logcumsumexp(padded.view(n_groups, group, n), dim=1)
+    gap = (running - padded.view(n_groups, group, n)).reshape(-1, n)[:n_slab]
+    gap = torch.nan_to_num(gap.clamp_min(0.0), nan=float("inf"))  # -inf - -inf: an empty slab, the largest code
+    codes = torch.floor(gap * CODE_SCALE).clamp_(max=255.0).to(torch.uint8)
+    return SlabTable(running[:, -1].contiguous(), codes, group)
+
+
+def slabs_per_group(n: int, n_slab: int, sms: int, block_n: int) -> int:
+    """Slabs per group of the compact table. The Hopper forward runs (row blocks x groups) programs, one per
+    SM at a time; fewer groups make a smaller table but fewer, longer programs. The fewest groups whose grid
+    fills at least one wave with under 10% of SM-time lost to a partial last wave (at Gemma 2's shape on 132
+    SMs: 4 groups of 16 slabs, 256 programs, 4.5% lost), else the best such share."""
+    n_blocks = -(-n // block_n)
+    best = None
+    for want in range(1, n_slab + 1):
+        per = -(-n_slab // want)
+        programs = n_blocks * -(-n_slab // per)
+        efficiency = n_blocks * n_slab / (-(-programs // sms) * sms * per)
+        if programs >= sms and efficiency >= 0.9:
+            return per
+        if best is None or efficiency > best[0] + 1e-9:
+            best = (efficiency, per)
+    return best[1]
+
+
+def empty_table(e: torch.Tensor, c: torch.Tensor, slab_bytes: int | None = None) -> SlabTable:
+    """An unfilled :class:`SlabTable` for :func:`forward_stats` (``slab_lse``) of e's tokens against c."""
+    n = e.shape[0]
+    n_slab = n_slabs(n, c.shape[0], slab_bytes)
+    block_n = configs.config_for("tma", e.dtype, e.device, e.shape[1])["BLOCK_N"] if tma_applies(e, c) else 128
+    group = slabs_per_group(n, n_slab, _num_sms(e.device.index or 0) if e.is_cuda else 4, block_n)
+    lse = torch.empty((-(-n_slab // group), n), dtype=torch.float32, device=e.device)
+    return SlabTable(lse, torch.empty((n_slab, n), dtype=torch.uint8, device=e.device), group)
+
+
 def _permuted(targets: torch.Tensor, bias, perm, vocab: int):
     """Targets as positions in the sorted vocabulary (-1 where a target is no vocabulary index) and the
-    bias in sorted order: the kernels compare and index by column position."""
+    bias in sorted order: the kernels compare and index by column position. No V-long index vector: the
+    training forward's peak holds the permutation and the table only."""
     if perm is None:
         return targets, bias
-    # int32 (perm's dtype): 1 MB per table at V = 256000 instead of 2, in the forward's peak memory.
-    position = torch.empty(vocab, dtype=perm.dtype, device=perm.device)
-    position[perm.long()] = torch.arange(vocab, dtype=perm.dtype, device=perm.device)
-    valid = (targets >= 0) & (targets < vocab)
-    sorted_targets = torch.where(valid, position[targets.clamp(0, vocab - 1).long()].long(), -1)
-    return sorted_targets, (bias[perm.long()] if bias is not None else None)
+    return order.positions(perm, targets, vocab), (bias.index_select(0, perm) if bias is not None else None)
 
 
 def _classifier_slab(c, perm, start: int, cols: int, buffer):
@@ -473,38 +537,44 @@ def tma_splits(n_blocks: int, n_slab: int, slab_tiles: int, sms: int, block_v: i
 
 def _forward_stats_tma(e, c, slab_bias, slab_targets, *, softcap, need_sum, need_mu, cols_per_slab, perm,
                        slab_lse):
-    """:func:`forward_stats` through :func:`lse_tma_kernel`: no logit slab, (splits x N) partials."""
+    """:func:`forward_stats` through :func:`lse_tma_kernel`: no logit slab, (splits x N) partials; with a
+    :class:`SlabTable` one program per (row block, group of slabs), the group's log-sum-exps as partials."""
     n, d = e.shape
     vocab = c.shape[0]
     cfg = configs.config_for("tma", e.dtype, e.device, d)
     n_blocks = triton.cdiv(n, cfg["BLOCK_N"])
+    grouped = isinstance(slab_lse, SlabTable)
     # One slab of the whole vocabulary unless the filtered backward needs a per-slab table.
     slab = cols_per_slab if slab_lse is not None else vocab
     n_slab = -(-vocab // slab)
-    slab_tiles = triton.cdiv(slab, cfg["BLOCK_V"])
-    sms = _num_sms(e.device.index or 0) if e.is_cuda else 4
-    sub, v_per_sub = tma_splits(n_blocks, n_slab, slab_tiles, sms, cfg["BLOCK_V"])
     f32 = dict(dtype=torch.float32, device=e.device)
-    if slab_lse is not None and sub == 1:
-        l_part = slab_lse  # the splits are the slabs: the kernel writes the table itself
+    if grouped:
+        sub, v_per_sub, n_parts = 1, slab, slab_lse.lse.shape[0]
+        l_part = slab_lse.lse
     else:
-        l_part = torch.empty((n_slab * sub, n), **f32)
-    w_part = torch.empty((n_slab * sub, n), **f32) if need_mu else l_part
-    sum_part = torch.empty((n_slab * sub, n), **f32) if need_sum else l_part
+        slab_tiles = triton.cdiv(slab, cfg["BLOCK_V"])
+        sms = _num_sms(e.device.index or 0) if e.is_cuda else 4
+        sub, v_per_sub = tma_splits(n_blocks, n_slab, slab_tiles, sms, cfg["BLOCK_V"])
+        n_parts = n_slab * sub
+        # with one split per slab the splits are the slabs: the kernel writes the table itself
+        l_part = slab_lse if slab_lse is not None and sub == 1 else torch.empty((n_parts, n), **f32)
+    w_part = torch.empty((n_parts, n), **f32) if need_mu else l_part
+    sum_part = torch.empty((n_parts, n), **f32) if need_sum else l_part
     tgt = torch.zeros(n, **f32)
     e_desc = TensorDescriptor.from_tensor(e, [cfg["BLOCK_N"], cfg["BLOCK_D"]])
     c_desc = TensorDescriptor.from_tensor(c, [cfg["BLOCK_V"], cfg["BLOCK_D"]])
     launch = _launch_kwargs(cfg)
-    lse_tma_kernel[(n_blocks, n_slab * sub)](
+    lse_tma_kernel[(n_blocks, n_parts)](
         e_desc, c_desc, c, perm if perm is not None else slab_targets,
         slab_bias if slab_bias is not None else l_part, slab_targets,
-        l_part, w_part, sum_part, tgt, n, vocab, slab, v_per_sub, c.stride(0),
-        float(softcap) if softcap is not None else 1.0,
-        D=d, SUB=sub, HAS_BIAS=slab_bias is not None, HAS_SOFTCAP=softcap is not None, GATHER=perm is not None,
-        NEED_SUM=need_sum, NEED_MU=need_mu, UPCAST=interpreting(),
-        BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BLOCK_D"], FLATTEN=True, **launch,
+        l_part, w_part, sum_part, tgt, slab_lse.codes if grouped else l_part, n, vocab, slab, v_per_sub,
+        slab_lse.group if grouped else 1, c.stride(0), float(softcap) if softcap is not None else 1.0,
+        D=d, SUB=sub, GROUPED=grouped, CODE_SCALE=CODE_SCALE, HAS_BIAS=slab_bias is not None,
+        HAS_SOFTCAP=softcap is not None, GATHER=perm is not None, NEED_SUM=need_sum, NEED_MU=need_mu,
+        UPCAST=interpreting(), BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BLOCK_D"],
+        FLATTEN=True, **launch,
     )
-    if slab_lse is not None and sub > 1:
+    if slab_lse is not None and not grouped and sub > 1:
         torch.logsumexp(l_part.view(n_slab, sub, n), dim=1, out=slab_lse)
     lse, sum_logit, mean_logit = combine_splits(l_part, w_part if need_mu else None,
                                                 sum_part if need_sum else None)
@@ -515,20 +585,28 @@ def forward_stats(e, c, bias, targets, *, softcap=None, need_sum=False, need_mu=
                   perm=None, slab_lse=None):
     """Per-token (lse, target_logit, sum_logit, mean_logit), float32, shape (N,) each.
 
-    ``perm``: visit the vocabulary in this order (int32, from :func:`lmforge.cce.triton_impl.vocab_order`),
-    so that slabs hold tokens of similar mean logit. ``slab_lse``: a float32 (:func:`n_slabs`, N) tensor that
-    receives every row's log-sum-exp over each slab (in visiting order), which the filtered backward needs.
+    ``perm``: visit the vocabulary in this order (int32, from :func:`lmforge.cce.order.vocab_order`), so
+    that slabs hold tokens of similar mean logit. ``slab_lse``: a float32 (:func:`n_slabs`, N) tensor that
+    receives every row's log-sum-exp over each slab (in visiting order), which the filtered backward needs,
+    or a :class:`SlabTable` (:func:`empty_table`) that receives the same compactly (what autograd keeps).
     Where :func:`tma_applies` (Hopper, 16-bit inputs) one fused kernel computes it all without a
     logit slab; else cuBLAS writes fp32 slabs that a Triton pass reduces.
     """
     n, vocab = e.shape[0], c.shape[0]
     cols_per_slab = slab_columns(n, vocab, slab_bytes)
-    if slab_lse is not None and tuple(slab_lse.shape) != (n_slabs(n, vocab, slab_bytes), n):
-        raise ValueError(f"slab_lse must have shape {(n_slabs(n, vocab, slab_bytes), n)}, got {tuple(slab_lse.shape)}")
+    table = slab_lse
+    if isinstance(table, SlabTable):
+        slab_lse = None if tma_applies(e, c) else torch.empty(tuple(table.codes.shape), dtype=torch.float32,
+                                                             device=e.device)
+        shape = tuple(table.codes.shape)
+    else:
+        shape = tuple(slab_lse.shape) if slab_lse is not None else None
+    if shape is not None and shape != (n_slabs(n, vocab, slab_bytes), n):
+        raise ValueError(f"slab_lse must have shape {(n_slabs(n, vocab, slab_bytes), n)}, got {shape}")
     slab_targets, slab_bias = _permuted(targets, bias, perm, vocab)
     if tma_applies(e, c):
         return _forward_stats_tma(e, c, slab_bias, slab_targets, softcap=softcap, need_sum=need_sum,
-                                  need_mu=need_mu, cols_per_slab=cols_per_slab, perm=perm, slab_lse=slab_lse)
+                                  need_mu=need_mu, cols_per_slab=cols_per_slab, perm=perm, slab_lse=table)
     cfg = _blocks(e.device, "stats")
     f32 = dict(dtype=torch.float32, device=e.device)
     m = torch.full((n,), float("-inf"), **f32)
@@ -550,13 +628,18 @@ def forward_stats(e, c, bias, targets, *, softcap=None, need_sum=False, need_mu=
             NEED_SLAB=slab_lse is not None, BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], **_launch(cfg),
         )
     del buffer, c_buffer
+    if isinstance(table, SlabTable):
+        encoded = encode_table(slab_lse, table.group)
+        table.lse.copy_(encoded.lse)
+        table.codes.copy_(encoded.codes)
     lse = m + torch.log(s)
     mean_logit = w / s if need_mu else torch.zeros_like(lse)
     return lse, tgt, (zsum if need_sum else torch.zeros_like(lse)), mean_logit
 
 
 def row_depths(slab_lse, lse, g_lse, g_tgt, slab_targets, cols_per_slab: int, filter_eps: float) -> torch.Tensor:
-    """(N,) int64: how many leading slabs (in visiting order) each row's backward must visit.
+    """(N,) int64: how many leading slabs (in visiting order) each row's backward must visit, from the
+    forward's float32 per-slab log-sum-exps or a :class:`SlabTable`'s upper bounds of them.
 
     Row i drops the longest run of trailing slabs whose summed softmax mass stays <= ``filter_eps`` (their
     logit gradients g_lse_i p_ij are what filtering drops), but keeps every slab up to the one holding its
@@ -566,6 +649,8 @@ def row_depths(slab_lse, lse, g_lse, g_tgt, slab_targets, cols_per_slab: int, fi
     SmolLM2's real activations, 4096-column slabs, 2^-12: 47.3% of (slab, row) pairs kept against 46.4%;
     bench/cce_vocab_positions.py).
     """
+    if isinstance(slab_lse, SlabTable):
+        slab_lse = slab_lse.bounds()
     n_slab = slab_lse.shape[0]
     mass = torch.exp(slab_lse - lse[None, :])
     trailing = mass.flip(0).cumsum(0).flip(0)  # trailing[k, i]: row i's mass in slabs k, k + 1, ...

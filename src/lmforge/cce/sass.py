@@ -129,14 +129,16 @@ def _tma_forward(n: int, d: int, v: int, arch: int, shared_limit: int, gather: b
 
     cfg = configs.resolve("tma", torch.bfloat16, f"sm_{arch}", d, shared_limit, cache={}, arch=arch)
     args = dict(_pointers("C:*bf16", "Perm:*i32", "Bias:*bf16", "Targets:*i64", "L_out:*fp32", "W_out:*fp32",
-                          "Sum_out:*fp32", "Tgt_out:*fp32"),
+                          "Sum_out:*fp32", "Tgt_out:*fp32", "Codes:*u8"),
                 e_desc=(f"tensordesc<bf16[{cfg['BLOCK_N']}, {cfg['BLOCK_D']}]>", None),
                 c_desc=(f"tensordesc<bf16[{cfg['BLOCK_V']}, {cfg['BLOCK_D']}]>", None),
                 N=("i32", n), V=("i32", v), cols_per_slab=("i32", slab if gather else v),
-                v_per_sub=("i32", slab if gather else cfg["BLOCK_V"] * 31), stride_cv=("i32", d),
-                softcap=("fp32", 1.0))
-    consts = dict(D=d, SUB=1 if gather else 9, HAS_BIAS=False, HAS_SOFTCAP=False, GATHER=gather, NEED_SUM=False,
-                  NEED_MU=False, UPCAST=False, FLATTEN=True, **{k: cfg[k] for k in ("BLOCK_N", "BLOCK_V", "BLOCK_D")})
+                v_per_sub=("i32", slab if gather else cfg["BLOCK_V"] * 31), slabs_per_group=("i32", 16),
+                stride_cv=("i32", d), softcap=("fp32", 1.0))
+    # The sorted order runs grouped (the filtered backward's compact table), the vocabulary order in splits.
+    consts = dict(D=d, SUB=1 if gather else 9, GROUPED=gather, CODE_SCALE=16, HAS_BIAS=False, HAS_SOFTCAP=False,
+                  GATHER=gather, NEED_SUM=False, NEED_MU=False, UPCAST=False, FLATTEN=True,
+                  **{k: cfg[k] for k in ("BLOCK_N", "BLOCK_V", "BLOCK_D")})
     return lse_tma_kernel, args, consts, cfg["num_warps"], cfg["num_stages"], cfg
 
 

@@ -44,26 +44,12 @@ def row_block(Targets, N, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def lse_tma_kernel(
-    e_desc, c_desc, C, Perm, Bias, Targets,
-    L_out, W_out, Sum_out, Tgt_out,
-    N, V, cols_per_slab, v_per_sub, stride_cv, softcap,
-    D: tl.constexpr, SUB: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, GATHER: tl.constexpr,
-    NEED_SUM: tl.constexpr, NEED_MU: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, FLATTEN: tl.constexpr,
-):
-    pid_s = tl.program_id(1)
-    row0, rows, row_ok, targets = row_block(Targets, N, BLOCK_N)
-    slab_end = tl.minimum((pid_s // SUB + 1) * cols_per_slab, V)
-    v_begin = (pid_s // SUB) * cols_per_slab + (pid_s % SUB) * v_per_sub
-    v_end = tl.minimum(v_begin + v_per_sub, slab_end)
-
-    m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
-    s = tl.zeros((BLOCK_N,), tl.float32)
-    w = tl.zeros((BLOCK_N,), tl.float32)
-    zsum = tl.zeros((BLOCK_N,), tl.float32)
-    tgt = tl.zeros((BLOCK_N,), tl.float32)
+def _fold_columns(e_desc, c_desc, C, Perm, Bias, row0, targets, v_begin, v_end, m, s, w, zsum, tgt,
+                  stride_cv, softcap, D: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                  GATHER: tl.constexpr, NEED_SUM: tl.constexpr, NEED_MU: tl.constexpr, UPCAST: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, FLATTEN: tl.constexpr):
+    """Fold the logits of rows [row0, row0 + BLOCK_N) x visiting positions [v_begin, v_end) into the rows'
+    online statistics and target logits."""
     offs_d = tl.arange(0, BLOCK_D)
     for v0 in tl.range(v_begin, v_end, BLOCK_V, flatten=FLATTEN):
         pos = v0 + tl.arange(0, BLOCK_V)
@@ -88,6 +74,60 @@ def lse_tma_kernel(
             acc = softcap * _tanh(acc / softcap)
         m, s, w, zsum, _ = fold_tile(acc, col_ok, m, s, w, zsum, NEED_MU, NEED_SUM)
         tgt = _add_target_logit(tgt, acc, pos, targets, col_ok)
+    return m, s, w, zsum, tgt
+
+
+@triton.jit
+def lse_tma_kernel(
+    e_desc, c_desc, C, Perm, Bias, Targets,
+    L_out, W_out, Sum_out, Tgt_out, Codes,
+    N, V, cols_per_slab, v_per_sub, slabs_per_group, stride_cv, softcap,
+    D: tl.constexpr, SUB: tl.constexpr, GROUPED: tl.constexpr, CODE_SCALE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, GATHER: tl.constexpr,
+    NEED_SUM: tl.constexpr, NEED_MU: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, FLATTEN: tl.constexpr,
+):
+    pid_s = tl.program_id(1)
+    row0, rows, row_ok, targets = row_block(Targets, N, BLOCK_N)
+    if GROUPED:  # slabs [pid_s G, (pid_s + 1) G) one after the other; SUB is 1
+        first_slab = pid_s * slabs_per_group
+        v_begin = first_slab * cols_per_slab
+        v_end = tl.minimum(v_begin + slabs_per_group * cols_per_slab, V)
+    else:
+        slab_end = tl.minimum((pid_s // SUB + 1) * cols_per_slab, V)
+        v_begin = (pid_s // SUB) * cols_per_slab + (pid_s % SUB) * v_per_sub
+        v_end = tl.minimum(v_begin + v_per_sub, slab_end)
+
+    m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    s = tl.zeros((BLOCK_N,), tl.float32)
+    w = tl.zeros((BLOCK_N,), tl.float32)
+    zsum = tl.zeros((BLOCK_N,), tl.float32)
+    tgt = tl.zeros((BLOCK_N,), tl.float32)
+    if GROUPED:
+        for k0 in range(v_begin, v_end, cols_per_slab):
+            k_end = tl.minimum(k0 + cols_per_slab, v_end)
+            ms = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+            ss = tl.zeros((BLOCK_N,), tl.float32)
+            ws = tl.zeros((BLOCK_N,), tl.float32)
+            ms, ss, ws, zsum, tgt = _fold_columns(
+                e_desc, c_desc, C, Perm, Bias, row0, targets, k0, k_end, ms, ss, ws, zsum, tgt, stride_cv,
+                softcap, D, HAS_BIAS, HAS_SOFTCAP, GATHER, NEED_SUM, NEED_MU, UPCAST, BLOCK_N, BLOCK_V, BLOCK_D,
+                FLATTEN)
+            # Merge the slab into the group's running statistics (ms is finite: the slab has columns).
+            m_new = tl.maximum(m, ms)
+            old, new = tl.exp(m - m_new), tl.exp(ms - m_new)
+            s = s * old + ss * new
+            w = w * old + ws * new
+            # The slab's mass below the group's so far, in 1 / CODE_SCALE nats rounded down and capped at 255:
+            # decoded against the whole group's log-sum-exp (never smaller) it bounds the slab's from above.
+            gap = (m_new + tl.log(s)) - (ms + tl.log(tl.maximum(ss, 1.0)))
+            code = tl.minimum(tl.floor(tl.maximum(gap, 0.0) * CODE_SCALE), 255.0)
+            tl.store(Codes + (k0 // cols_per_slab) * N + rows, code.to(tl.uint8), mask=row_ok)
+            m = m_new
+    else:
+        m, s, w, zsum, tgt = _fold_columns(
+            e_desc, c_desc, C, Perm, Bias, row0, targets, v_begin, v_end, m, s, w, zsum, tgt, stride_cv, softcap,
+            D, HAS_BIAS, HAS_SOFTCAP, GATHER, NEED_SUM, NEED_MU, UPCAST, BLOCK_N, BLOCK_V, BLOCK_D, FLATTEN)
 
     # s >= 1 after any column (the row's maximum contributes exp(0)); a split that saw none has m = -inf,
     # s = 0 and stores lse -inf and mean 0 (flooring s at 1 changes nothing else).
