@@ -24,11 +24,11 @@ dz's rounding to the input dtype.
 Gradient filtering (``filter_eps``): a dense GEMM cannot skip tiles, but it can skip rows. The forward
 visits the vocabulary in slabs by mean logit (:func:`lmforge.cce.order.vocab_order`) and stores every
 row's log-sum-exp over each slab (a :class:`SlabTable`: about a byte per row and slab, an upper bound to
-1/16 nat), so the backward knows each row's softmax mass per slab without recomputing anything. Each row drops its longest run of trailing slabs whose summed mass
-stays <= filter_eps (:func:`row_depths`); with rows ordered by how many slabs they keep, each slab's three
-products run over a leading block of rows, at the dense products' rate and with no gathers. On SmolLM2's
-real activations (8192 tokens, 4096-column slabs, filter_eps 2^-12) rows keep 47% of (slab, row) pairs
-(72% without the sort).
+1/16 nat), so the backward knows each row's softmax mass per slab without recomputing anything. Each row
+drops its longest run of trailing slabs whose summed mass stays <= filter_eps (:func:`row_depths`); with
+rows ordered by how many slabs they keep, each slab's three products run over a leading block of rows, at
+the dense products' rate and with no gathers. On SmolLM2's real activations (8192 tokens, 4096-column
+slabs, filter_eps 2^-12) rows keep 47% of (slab, row) pairs (72% without the sort).
 """
 
 from __future__ import annotations
