@@ -219,6 +219,11 @@ def test_compact_table_bounds_every_slab_from_above_within_its_code_step(monkeyp
     bound = table.bounds().double().cpu()
     assert bool((bound >= ref - 1e-5).all())
     assert bool((bound <= ref + growth + 1 / gemm_impl.CODE_SCALE + 1e-5).all())
+    # and tight where the backward adds them up: a row's decoded slab masses sum to within ~6% (a code step)
+    # of its whole mass, where decoding every code against its group's total would count a group of similar
+    # slabs several times over (here up to 2.0x with groups of 3)
+    overcount = torch.exp(bound - torch.logsumexp(ref, 0)).sum(0)
+    assert float(overcount.max()) <= 1.1
     torch.testing.assert_close(table.lse.double().cpu(), running[:, -1], rtol=1e-5, atol=1e-5)
     encoded = gemm_impl.encode_table(plain, group)  # the kernel's codes are the encoding's, up to fp32 rounding
     assert int((table.codes.int() - encoded.codes.int()).abs().max()) <= 1
