@@ -287,12 +287,14 @@ def test_dc_host_layout_applies_only_where_the_deepest_chunk_alone_visits_the_ho
     assert gemm_impl._dc_host_layout(37, 36, 400, 32, 16, counts, dz_bytes=2) is None  # rows not 16-byte aligned
 
 
+@pytest.mark.parametrize("planned", [False, True], ids=["budget", "default"])
 @pytest.mark.parametrize("tma", ["0", "1"], ids=["cublas", "tma"])
-def test_backward_in_dc_workspace_matches_the_sorted_plan(monkeypatch, tma):
+def test_backward_in_dc_workspace_matches_the_sorted_plan(monkeypatch, tma, planned):
     # Route (e): the filtered backward with its accumulator and gathered classifier slab in dC's own buffer
     # (dC formed in the sorted order, host slabs last, everything moved back in place) gives the sorted plan's
     # gradients: dE bit for bit (the same fp32 sums, rounded once), dC up to the order in which the two
     # chunks' parts are rounded, both within bf16 rounding of the float64 gradients with the same cut.
+    # "default": no budget set, as in training, where dC's permutation is planned before the host sync.
     monkeypatch.setenv("LMFORGE_CCE_TMA", tma)
     monkeypatch.setenv("LMFORGE_CCE_SLAB_MB", str(32 * N * 4 / 2**20))
     monkeypatch.setattr(gemm_impl, "DENSE_SHARE", 1.01)
@@ -307,16 +309,22 @@ def test_backward_in_dc_workspace_matches_the_sorted_plan(monkeypatch, tma):
     depth = gemm_impl.row_depths(table, lse, g_lse, -g_lse, targets, 32, eps)
     counts = torch.bincount(depth, minlength=14).flip(0).cumsum(0).flip(0)[1:].tolist()
     assert gemm_impl._dc_host_layout(N, 40, v, 32, 16, counts, dz_bytes=2) is not None, counts
-    force_plan(monkeypatch, 16, 32)
+    if planned:
+        monkeypatch.delenv("LMFORGE_CCE_BWD_MB", raising=False)
+        monkeypatch.setattr(gemm_impl, "SMALL_GRAD_BYTES", 0)
+        monkeypatch.setattr(gemm_impl, "sorted_rows", lambda n: 16)
+    else:
+        force_plan(monkeypatch, 16, 32)
     hosted_calls = []
     hosted = gemm_impl._backward_dc_hosted
-    monkeypatch.setattr(gemm_impl, "_backward_dc_hosted", lambda *a, **k: hosted_calls.append(1) or hosted(*a, **k))
+    monkeypatch.setattr(gemm_impl, "_backward_dc_hosted",
+                        lambda *a, **k: hosted_calls.append(k["moves"] is not None) or hosted(*a, **k))
     results = []
     for flag in ("0", "1"):
         monkeypatch.setenv("LMFORGE_CCE_DC_WORKSPACE", flag)
         results.append(gemm_impl.backward(e, c, None, t, lse, mu, g_lse, -g_lse, None, None, perm=perm,
                                           slab_lse=table, filter_eps=eps))
-    assert hosted_calls == [1]
+    assert hosted_calls == [planned]
     (de0, dc0, _), (de1, dc1, db1) = results
     assert db1 is None and de1.dtype == dc1.dtype == torch.bfloat16
     assert torch.equal(de1, de0)
@@ -372,8 +380,16 @@ def test_permute_rows_in_place_matches_indexing(kind, batch):
     want = torch.empty_like(x)
     want[perm.to(DEVICE)] = x
     buffer = torch.empty((batch, 70), dtype=x.dtype, device=DEVICE)
+    x0 = x.clone()
     assert gemm_impl.permute_rows_(x, perm.to(torch.int32).to(DEVICE), buffer) is x
     assert torch.equal(x, want)
+    # Planned ahead (as the backward queues it before its host sync), through a buffer larger than the plan's
+    # batches: the same moves.
+    moves = gemm_impl.plan_row_moves(perm.to(DEVICE), batch)
+    assert torch.equal(gemm_impl.permute_rows_(x0, None, torch.empty((batch + 3, 70), dtype=x.dtype,
+                                                                     device=DEVICE), moves), want)
+    with pytest.raises(ValueError, match="moves planned for"):
+        gemm_impl.permute_rows_(x0[1:], None, buffer, moves)
     # The cycles behind it: each position's leader is its cycle's smallest position, its rank the number of
     # moves from there, walked here one move at a time.
     leader, rank, length = (t.cpu() for t in gemm_impl._cycles(perm.to(DEVICE)))

@@ -338,50 +338,77 @@ def _cycles(perm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     return leader, length - 1 - dist, length
 
 
-def permute_rows_(x: torch.Tensor, perm: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
-    """Move row p of ``x`` to row perm[p] for every p, in place (``perm``: a permutation of x's rows, int32 or
-    int64), through ``buffer`` (B x x.shape[1], x's dtype): ~x's bytes read and written twice, no host sync.
+class RowMoves(NamedTuple):
+    """:func:`permute_rows_`'s plan for one permutation and batch size (int32 vectors, ~3 x 4 bytes per row):
+    the rows to read in list order, where each goes (-1: to its batch's side row), and where each batch's
+    side row goes at the end (-1: none)."""
+
+    source: torch.Tensor
+    target: torch.Tensor
+    side_index: torch.Tensor
+    side_target: torch.Tensor
+    batch: int
+
+
+def plan_row_moves(perm: torch.Tensor, batch: int) -> RowMoves:
+    """The moves that take row p to row perm[p] for every p, in place, through a buffer of ``batch`` rows.
 
     The positions are listed cycle by cycle (each from its smallest position, in the moves' order), and the
-    list is moved in batches of B from its end backward: a batch is gathered whole into ``buffer`` before any
-    of it is written, and its rows go to positions it has just read or that a later batch has read, except
-    a cycle's last row, whose target (the cycle's first position) lies in an earlier batch when the cycle
-    spans batches: that row waits in a side buffer (at most one per batch) until every batch has run."""
-    v, d = x.shape
-    if perm.numel() != v:
-        raise ValueError(f"perm has {perm.numel()} entries for {v} rows")
-    b = buffer.shape[0]
-    if v == 0:
-        return x
+    list is moved in batches from its end backward: a batch is gathered whole into the buffer before any of
+    it is written, and its rows go to positions it has just read or that a later batch has read, except a
+    cycle's last row, whose target (the cycle's first position) lies in an earlier batch when the cycle spans
+    batches: that row waits in a side buffer (at most one per batch) until every batch has run. ~100 small
+    launches (pointer jumping), no host sync: the backward queues them while the GPU is still busy."""
+    v = perm.numel()
+    b = batch
     leader, rank, length = _cycles(perm)
     # start of each cycle in the list: the lengths of the cycles with a smaller leader, summed (V-long index
-    # vectors are dropped as soon as they are used: this runs at the end of a backward, beside dE and dC)
+    # vectors are dropped as soon as they are used)
     heads = torch.where(rank == 0, length, 0)
     position = (torch.cumsum(heads, 0) - heads)[leader] + rank  # p's place in the list
     del heads, leader
-    order = torch.empty_like(position).scatter_(0, position, torch.arange(v, device=x.device))
+    order = torch.empty_like(position).scatter_(0, position, torch.arange(v, device=perm.device))
     del position
-    place = torch.arange(v, device=x.device)
+    place = torch.arange(v, device=perm.device)
     rank = rank[order]
     # A cycle's last row whose cycle began in an earlier batch: parked in side row (its batch), else -1.
     parked = (rank == length[order] - 1) & (place - rank < (place // b) * b)
     del rank, length
     n_batches = -(-v // b)
-    side_index = torch.where(parked, place // b, -1)
+    side_index = torch.where(parked, place // b, -1).int()
     target = perm.long()[order]
-    side_target = torch.full((n_batches,), -1, dtype=torch.long, device=x.device)
+    side_target = torch.full((n_batches,), -1, dtype=torch.long, device=perm.device)
     side_target.scatter_reduce_(0, torch.where(parked, place // b, n_batches - 1), torch.where(parked, target, -1),
                                 reduce="amax")
-    target = torch.where(parked, -1, target)
-    del parked, place
+    target = torch.where(parked, -1, target).int()
+    return RowMoves(order.int(), target, side_index, side_target.int(), b)
+
+
+def permute_rows_(x: torch.Tensor, perm: torch.Tensor | None, buffer: torch.Tensor,
+                  moves: RowMoves | None = None) -> torch.Tensor:
+    """Move row p of ``x`` to row perm[p] for every p, in place (``perm``: a permutation of x's rows, int32 or
+    int64), through ``buffer`` (B x x.shape[1], x's dtype): ~x's bytes read and written twice, no host sync.
+    ``moves``: :func:`plan_row_moves` (perm, B), planned ahead (``perm`` is then unused)."""
+    v, d = x.shape
+    if moves is None:
+        if perm.numel() != v:
+            raise ValueError(f"perm has {perm.numel()} entries for {v} rows")
+        if v == 0:
+            return x
+        moves = plan_row_moves(perm, buffer.shape[0])
+    b = moves.batch
+    if moves.source.numel() != v or buffer.shape[0] < b:
+        raise ValueError(f"moves planned for {moves.source.numel()} rows in batches of {b}, not {v} rows "
+                         f"through a buffer of {buffer.shape[0]}")
+    n_batches = moves.side_target.numel()
     side = torch.empty((n_batches, d), dtype=x.dtype, device=x.device)
     for s0 in range((n_batches - 1) * b, -1, -b):
         s1 = min(s0 + b, v)
         rows = buffer[: s1 - s0]
-        torch.index_select(x, 0, order[s0:s1], out=rows)
-        scatter_rows(x, target[s0:s1], rows, add=False)
-        scatter_rows(side, side_index[s0:s1], rows, add=False)
-    scatter_rows(x, side_target, side, add=False)
+        torch.index_select(x, 0, moves.source[s0:s1], out=rows)
+        scatter_rows(x, moves.target[s0:s1], rows, add=False)
+        scatter_rows(side, moves.side_index[s0:s1], rows, add=False)
+    scatter_rows(x, moves.side_target, side, add=False)
     return x
 
 
@@ -763,12 +790,13 @@ def _dc_host_layout(n: int, d: int, vocab: int, cols: int, rows: int, counts: li
 
 
 def _backward_dc_hosted(e, c, perm, order, counts, vectors, slab_bias, slab_targets, softcap, grads, cfg, *,
-                        tma, rows, cols_per_slab, host):
+                        tma, rows, cols_per_slab, host, moves=None):
     """The filtered backward (rows in depth order, vocabulary sorted) with its accumulator and gathered
     classifier slab kept in dC's own buffer (route (e) of docs/cce-tuning.md): dC is formed in the sorted
     order, each slab's rows contiguous in place, and moved to the vocabulary's rows at the end
     (:func:`permute_rows_`); the trailing host slabs, visited only by the deepest chunk's rows, are done
-    last. The workspace beyond dE and dC is the dz buffer alone. Returns (dE, dC)."""
+    last. The workspace beyond dE and dC is the dz buffer alone (and ``moves``, dC's planned
+    :func:`permute_rows_`, when the caller queued it ahead). Returns (dE, dC)."""
     n, d = e.shape
     vocab = c.shape[0]
     first_host, acc_row, c_row = host
@@ -843,9 +871,13 @@ def _backward_dc_hosted(e, c, perm, order, counts, vectors, slab_bias, slab_targ
         torch.mm(dz.t(), e_rows[:k], out=own)
     # Back to the vocabulary's rows (dC) and the tokens' rows (dE), in place, through the dz buffer.
     dz = c_slab = e_rows = grad_tma = None
-    moves = narrow.view(-1)[: (narrow.numel() // d) * d].view(-1, d)
-    permute_rows_(dc, perm, moves)
-    permute_rows_(de, order, moves)
+    through = narrow.view(-1)[: (narrow.numel() // d) * d].view(-1, d)
+    if n <= through.shape[0]:  # dE fits the free buffer whole: out of place, each row read and written twice
+        depth_rows = through[:n].copy_(de)
+        de.index_copy_(0, order, depth_rows)
+    else:
+        permute_rows_(de, order, through)
+    permute_rows_(dc, perm, through, moves if moves is not None and moves.batch <= through.shape[0] else None)
     return de, dc
 
 
@@ -877,8 +909,16 @@ def backward(e, c, bias, targets, lse, mean_logit, g_lse, g_tgt, g_sum, g_mu, *,
     vectors = (lse, mean_logit if g_mu is not None else lse, g_lse if g_lse is not None else lse,
                g_tgt if g_tgt is not None else lse, g_sum if g_sum is not None else lse,
                g_mu if g_mu is not None else lse)
-    counts, order = [n] * -(-vocab // cols_per_slab), None
-    if filter_eps is not None and slab_lse is not None and g_sum is None and g_mu is None:
+    counts, order, moves = [n] * -(-vocab // cols_per_slab), None, None
+    tma = tma_applies(e, c, backward=True)
+    filtered = filter_eps is not None and slab_lse is not None and g_sum is None and g_mu is None
+    if (filtered and perm is not None and need_de and need_dc and not need_db and dc_workspace()
+            and (de_dtype or e.dtype) == e.dtype == c.dtype and e.element_size() == 2 and backward_budget() is None
+            and (n + vocab) * d * e.element_size() >= SMALL_GRAD_BYTES):
+        # The dC workspace's closing permutation, planned (~100 small launches) before the host sync below,
+        # while the GPU is still busy with the forward; dropped if the plan below does not host dC.
+        moves = plan_row_moves(perm, sorted_rows(n) * cols_per_slab * (1 if tma else 2) // d)
+    if filtered:
         depth = row_depths(slab_lse, lse, g_lse, g_tgt, slab_targets, cols_per_slab, filter_eps)
         # One host sync for the whole plan: how many rows reach each slab.
         counts = torch.bincount(depth, minlength=len(counts) + 1).flip(0).cumsum(0).flip(0)[1:].tolist()
@@ -892,8 +932,7 @@ def backward(e, c, bias, targets, lse, mean_logit, g_lse, g_tgt, g_sum, g_mu, *,
             vectors = tuple(v.index_select(0, order) for v in vectors)
             slab_targets = slab_targets.index_select(0, order)
         del depth
-    # The logit slab (fp32) that cuBLAS writes and dz overwrites, or with the TMA kernel dz alone.
-    tma = tma_applies(e, c, backward=True)
+    # The logit slab (fp32) that cuBLAS writes and dz overwrites, or with the TMA kernel dz alone (tma).
     out_dtype = de_dtype or e.dtype
     # fp32 dE in the tokens' own row order (vocabulary-parallel ranks) is accumulated in the output itself.
     de_direct = need_de and out_dtype == torch.float32 and order is None
@@ -920,8 +959,9 @@ def backward(e, c, bias, targets, lse, mean_logit, g_lse, g_tgt, g_sum, g_mu, *,
     if host is not None:
         de, dc = _backward_dc_hosted(e, c, perm, order, counts, vectors, slab_bias, slab_targets, softcap,
                                      grads_of(g_lse, g_tgt, g_sum, g_mu), cfg, tma=tma, rows=rows,
-                                     cols_per_slab=cols_per_slab, host=host)
+                                     cols_per_slab=cols_per_slab, host=host, moves=moves)
         return de, dc, None
+    moves = None
     buffer = torch.empty(rows * piece, dtype=e.dtype if tma else torch.float32, device=e.device)
     de = torch.zeros((n, d), dtype=out_dtype, device=e.device) if de_direct else None
     de32 = torch.zeros((rows, d), dtype=torch.float32, device=e.device) if need_de and not de_direct else None
