@@ -7,7 +7,8 @@ L2 cache (50 MiB on an H100) every row crosses HBM four times instead of two. Th
 bf16 matrix under a random permutation for buffers of several sizes, beside the out-of-place floor
 (``index_copy_`` into a second matrix: each byte read and written once), and checks each result against it:
 ``ms`` as the backward ran it until v3.13.1 (plan and moves at the end), ``gpu_ms`` the same behind a busy GPU
-(the host's ~100 planning launches hidden), ``planned_ms`` the moves alone (``plan_row_moves`` done ahead).
+(the host's planning launches hidden), ``planned_ms`` the moves alone (``plan_row_moves`` done ahead),
+``plan_gpu_ms`` the plan alone behind a busy GPU (what the backward's queue pays for it before its host sync).
 
     python bench/cce_permute.py --out bench/results/cce_permute.json                 # GPU, ~1 min
     TRITON_INTERPRET=1 python bench/cce_permute.py --shape 2048x64 --buffers 0.0625 0.25 --device cpu  # smoke
@@ -79,8 +80,9 @@ def main():
             if not torch.equal(gemm_impl.permute_rows_(x, None, buffer, moves), expect):
                 raise SystemExit(f"planned moves went wrong at {name} with a {mb} MiB buffer")
             planned_ms = timed(lambda: gemm_impl.permute_rows_(x, None, buffer, moves), args.repeats, args.device)
+            plan_gpu_ms = timed(lambda: gemm_impl.plan_row_moves(perm, b), args.repeats, args.device, busy=True)
             row["buffers"][str(mb)] = dict(batch_rows=b, ms=ms, vs_out_of_place=ms / floor, gpu_ms=gpu_ms,
-                                           planned_ms=planned_ms)
+                                           planned_ms=planned_ms, plan_gpu_ms=plan_gpu_ms)
         print(json.dumps(row))
         rows_out.append(row)
     if args.out:

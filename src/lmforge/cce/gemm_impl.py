@@ -46,7 +46,7 @@ from lmforge.cce.triton_impl import (HAS_TRITON, _accumulate_matmul, _launch_kwa
 if HAS_TRITON:
     import triton
 
-    from lmforge.cce.kernels.slab import scatter_rows_kernel, slab_grad_kernel, slab_stats_kernel
+    from lmforge.cce.kernels.slab import cycle_round_kernel, scatter_rows_kernel, slab_grad_kernel, slab_stats_kernel
 
     try:  # tensor descriptors (TMA on Hopper): Triton 3.4+
         from triton.tools.tensor_descriptor import TensorDescriptor
@@ -315,27 +315,42 @@ def scatter_rows(dst: torch.Tensor, index: torch.Tensor, src: torch.Tensor, *, a
                               BLOCK_R=SCATTER_ROWS, BLOCK_D=SCATTER_COLS, **_launch({"num_warps": 4}))
 
 
-def _cycles(perm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+# cycle_round_kernel's positions per program
+CYCLE_BLOCK = 1024
+
+
+def _cycles(perm: torch.Tensor, *, kernel: bool | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(leader, rank, length) of every position p under the moves p -> perm[p] (int64, each (V,)): the
-    smallest position of p's cycle, p's number of steps from it, the cycle's length. Pointer jumping on the
-    device, ceil(log2 V) rounds, no host sync."""
+    smallest position of p's cycle, p's number of moves from it, the cycle's length. Pointer jumping on the
+    device, ceil(log2 V) rounds, no host sync: each round doubles a window of moves from p, keeping the
+    window's smallest position and the moves to its first occurrence (:func:`cycle_round_kernel`, one launch
+    a round; ``kernel=False``: the same rounds in torch, five launches each). Once the window covers the
+    cycle, that is the leader and the moves from p to it, L - rank; the leader's successor is L - 1 moves
+    from it."""
     v = perm.numel()
-    nxt = perm.long()
     rounds = max(1, (v - 1).bit_length())
-    leader, jump = torch.arange(v, device=perm.device), nxt.clone()
-    for _ in range(rounds):  # after r rounds: the minimum over p, nxt(p), ..., nxt^(2^r - 1)(p)
-        leader = torch.minimum(leader, leader[jump])
-        jump = jump[jump]
-    # The cycle as a list from its leader to its last element q (nxt[q] = leader): distance to q by list
-    # ranking, where q points to itself.
-    last = nxt == leader
-    succ = torch.where(last, torch.arange(v, device=perm.device), nxt)
-    dist = (~last).long()
-    for _ in range(rounds):
-        dist = dist + dist[succ]
-        succ = succ[succ]
-    length = dist[leader] + 1
-    return leader, length - 1 - dist, length
+    if kernel is None:
+        kernel = HAS_TRITON and (perm.is_cuda or interpreting())
+    if kernel:
+        state = [perm.to(torch.int32, copy=True), torch.arange(v, dtype=torch.int32, device=perm.device),
+                 torch.zeros(v, dtype=torch.int32, device=perm.device)]
+        spare = [torch.empty_like(t) for t in state]
+        grid = (triton.cdiv(v, CYCLE_BLOCK),)
+        for r in range(rounds):
+            cycle_round_kernel[grid](*state, *spare, v, 1 << r, BLOCK=CYCLE_BLOCK, **_launch({"num_warps": 4}))
+            state, spare = spare, state
+        leader, off = state[1].long(), state[2].long()
+    else:
+        jump, leader = perm.long(), torch.arange(v, device=perm.device)
+        off = torch.zeros(v, dtype=torch.long, device=perm.device)
+        for r in range(rounds):
+            low_j, off_j = leader[jump], off[jump]
+            later = low_j < leader
+            leader, off = torch.where(later, low_j, leader), torch.where(later, off_j + (1 << r), off)
+            jump = jump[jump]
+    length = off[perm.long()[leader]] + 1
+    rank = torch.where(off == 0, 0, length - off)
+    return leader, rank, length
 
 
 class RowMoves(NamedTuple):
@@ -357,7 +372,7 @@ def plan_row_moves(perm: torch.Tensor, batch: int) -> RowMoves:
     list is moved in batches from its end backward: a batch is gathered whole into the buffer before any of
     it is written, and its rows go to positions it has just read or that a later batch has read, except a
     cycle's last row, whose target (the cycle's first position) lies in an earlier batch when the cycle spans
-    batches: that row waits in a side buffer (at most one per batch) until every batch has run. ~100 small
+    batches: that row waits in a side buffer (at most one per batch) until every batch has run. ~35 small
     launches (pointer jumping), no host sync: the backward queues them while the GPU is still busy."""
     v = perm.numel()
     b = batch
@@ -915,7 +930,7 @@ def backward(e, c, bias, targets, lse, mean_logit, g_lse, g_tgt, g_sum, g_mu, *,
     if (filtered and perm is not None and need_de and need_dc and not need_db and dc_workspace()
             and (de_dtype or e.dtype) == e.dtype == c.dtype and e.element_size() == 2 and backward_budget() is None
             and (n + vocab) * d * e.element_size() >= SMALL_GRAD_BYTES):
-        # The dC workspace's closing permutation, planned (~100 small launches) before the host sync below,
+        # The dC workspace's closing permutation, planned (~35 small launches) before the host sync below,
         # while the GPU is still busy with the forward; dropped if the plan below does not host dC.
         moves = plan_row_moves(perm, sorted_rows(n) * cols_per_slab * (1 if tma else 2) // d)
     if filtered:

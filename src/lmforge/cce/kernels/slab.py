@@ -171,3 +171,25 @@ def scatter_rows_kernel(Src, Dst, Index, n_rows, D, stride_src, stride_dst,
             bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
             x = bits.to(tl.float32, bitcast=True)
     tl.store(out, x.to(Dst.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def cycle_round_kernel(Jump, Low, Off, JumpOut, LowOut, OffOut, v, span, BLOCK: tl.constexpr):
+    """One round of pointer jumping over a permutation's moves p -> nxt(p), for positions p < v.
+
+    Before the round, Jump[p] = nxt^span(p), Low[p] the smallest position among p, nxt(p), ...,
+    nxt^(span - 1)(p) and Off[p] the number of moves from p to its first occurrence there; after it (in the
+    Out arrays) the same for a window of 2 span: the window of p joined with that of Jump[p]. Once the
+    window covers p's whole cycle, Low[p] is the cycle's smallest position and Off[p] the moves from p to it.
+    One launch per round, where torch needed five (two gathers, a comparison, a select, a jump)."""
+    p = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = p < v
+    j = tl.load(Jump + p, mask=ok, other=0)
+    low_p = tl.load(Low + p, mask=ok, other=0)
+    off_p = tl.load(Off + p, mask=ok, other=0)
+    low_j = tl.load(Low + j, mask=ok, other=0)
+    off_j = tl.load(Off + j, mask=ok, other=0)
+    later = low_j < low_p  # the window's first minimum lies in its second half
+    tl.store(LowOut + p, tl.where(later, low_j, low_p), mask=ok)
+    tl.store(OffOut + p, tl.where(later, span + off_j, off_p), mask=ok)
+    tl.store(JumpOut + p, tl.load(Jump + j, mask=ok, other=0), mask=ok)
