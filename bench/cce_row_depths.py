@@ -10,6 +10,7 @@ visited by few rows; this measures whether they are. Prints one JSON line (also 
     python bench/cce_row_depths.py --shape gemma2-2b --regime calibrated          # GPU, seconds
     python bench/cce_row_depths.py --shape 1024x576x49152 --regime real --device cpu
     python bench/cce_row_depths.py --shape gemma2-2b --regime calibrated --device cpu --rows 512  # ~9 min
+    TRITON_INTERPRET=1 python bench/cce_row_depths.py ... --device cpu --counting  # the GPU's vocabulary order
 """
 
 import argparse
@@ -26,10 +27,12 @@ from lmforge.cce.benchmark import parse_shape  # noqa: E402
 from lmforge.cce.regimes import make_inputs  # noqa: E402
 
 
-def slab_counts(e, c, targets, filter_eps: float, plan_n: int | None = None):
+def slab_counts(e, c, targets, filter_eps: float, plan_n: int | None = None, counting: bool = False):
     """(rows reaching each slab, each row's depth, the depths from exact float32 masses) as the filtered
     backward would plan them (g_lse = 1 and g_tgt = -1 for every row: a mean loss with no ignored token).
-    ``plan_n``: size the slabs and groups for a problem of that many tokens (e holding some of its rows)."""
+    ``plan_n``: size the slabs and groups for a problem of that many tokens (e holding some of its rows).
+    ``counting``: on the CPU, the shipped counting sort of bf16 scores (``order.vocab_order``, under
+    TRITON_INTERPRET=1) instead of a full float32 sort."""
     n, vocab = e.shape[0], c.shape[0]
     plan_n = plan_n or n
     cols = gemm_impl.slab_columns(plan_n, vocab)
@@ -44,7 +47,7 @@ def slab_counts(e, c, targets, filter_eps: float, plan_n: int | None = None):
         gemm_impl.forward_stats(e, c, None, targets, perm=perm, slab_lse=plain)
     else:  # float32 logits by torch, 256 rows at a time (the Triton passes would run in the interpreter);
         # the vocabulary fully sorted, the table grouped as on a 132-SM GPU
-        perm = triton_impl.vocab_order(e, c, None)
+        perm = order.vocab_order(e, c, None, cols) if counting else triton_impl.vocab_order(e, c, None)
         plain = torch.empty((n_slab, n), dtype=torch.float32, device=e.device)
         c_sorted = c[perm.long()].float()
         for r0 in range(0, n, 256):
@@ -74,14 +77,18 @@ def main():
     ap.add_argument("--filter-eps", type=float, default=auto_filter_eps(torch.bfloat16))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--rows", type=int, help="CPU: only this many of the shape's tokens (slabs sized for all)")
+    ap.add_argument("--counting", action="store_true",
+                    help="CPU: order the vocabulary as the GPU does (counting sort of bf16 scores; needs "
+                         "TRITON_INTERPRET=1), not by a full float32 sort")
     ap.add_argument("--out")
     args = ap.parse_args()
     n, d, v = parse_shape(args.shape)
     rows = args.rows or n
     e, c, t = make_inputs(args.regime, rows, d, v, dtype=torch.bfloat16, device=args.device,
                           real_path=args.real_path)[:3]
-    counts, depth, exact = slab_counts(e, c, t, args.filter_eps, plan_n=n)
+    counts, depth, exact = slab_counts(e, c, t, args.filter_eps, plan_n=n, counting=args.counting)
     row = dict(shape=[n, d, v], rows=rows, regime=args.regime, filter_eps=args.filter_eps, device=str(args.device),
+               order="counting" if args.counting or e.is_cuda else "sorted",
                slab_columns=gemm_impl.slab_columns(n, v), counts=counts,
                kept_share=sum(counts) / (rows * len(counts)),
                kept_share_exact=float(exact.float().mean()) / len(counts), last_slabs=counts[-4:],
