@@ -114,3 +114,29 @@ def test_profile_step_timeline_splits_gpu_idle_from_kernel_time():
     assert first == dict(first_kernel_after_ms=0.1, main_kernel="lse_tma_kernel", main_start_after_ms=1.4,
                          main_ms=15.5, kernels=3, kernel_ms=15.507, gpu_span_ms=16.815)
     assert second["main_start_after_ms"] == 0.02 and second["main_ms"] == 16.9 and second["kernels"] == 3
+
+
+def test_ab_script_alternates_trees_and_summarises_each(tmp_path, monkeypatch):
+    # bench/cce_ab.py: runs alternate A B, B A, ... and each tree's summary is over its own runs only.
+    from tests.conftest import load_bench_script
+
+    ab = load_bench_script("cce_ab")
+    assert ab.run_order(["a", "b"], 3) == ["a", "b", "b", "a", "a", "b"]
+    row = dict(shape="s", regime="r", impl="lmforge", fwd_ms=1.0, fwd_mb=2.0, fwd_bwd_mb=3.0)
+    runs = [dict(tree=t, rows=[dict(row, fwd_bwd_ms=ms)]) for t, ms in
+            [("a", 40.0), ("b", 41.0), ("b", 43.0), ("a", 42.0), ("a", 50.0)]]
+    summary = {s["tree"]: s for s in ab.summarise(runs)}
+    assert summary["a"]["runs"] == 3 and summary["a"]["fwd_bwd_ms"] == dict(median=42.0, min=40.0, max=50.0)
+    assert summary["b"]["runs"] == 2 and summary["b"]["fwd_bwd_ms"] == dict(median=42.0, min=41.0, max=43.0)
+    # End to end on the CPU: this checkout as both trees, one round, each run a fresh process of its script.
+    out = tmp_path / "ab.json"
+    monkeypatch.setattr("sys.argv", ["cce_ab.py", "--tree", "x=.", "--tree", "y=.", "--rounds", "1", "--shapes",
+                                     "64x32x256", "--regimes", "random", "--repeats", "1", "--out", str(out)])
+    monkeypatch.chdir(ab.Path(ab.__file__).resolve().parents[1])
+    ab.main()
+    result = json.loads(out.read_text())
+    assert [r["tree"] for r in result["runs"]] == ["x", "y"]
+    assert all(r["rows"][0]["impl"] == "lmforge" and r["rows"][0]["fwd_bwd_ms"] > 0 for r in result["runs"])
+    with pytest.raises(SystemExit):  # a tree without the benchmark script
+        monkeypatch.setattr("sys.argv", ["cce_ab.py", "--tree", f"z={tmp_path}"])
+        ab.main()
