@@ -372,7 +372,7 @@ def plan_row_moves(perm: torch.Tensor, batch: int) -> RowMoves:
     list is moved in batches from its end backward: a batch is gathered whole into the buffer before any of
     it is written, and its rows go to positions it has just read or that a later batch has read, except a
     cycle's last row, whose target (the cycle's first position) lies in an earlier batch when the cycle spans
-    batches: that row waits in a side buffer (at most one per batch) until every batch has run. ~35 small
+    batches: that row waits in a side buffer (at most one per batch) until every batch has run. ~70 small
     launches (pointer jumping), no host sync: the backward queues them while the GPU is still busy."""
     v = perm.numel()
     b = batch
@@ -930,7 +930,7 @@ def backward(e, c, bias, targets, lse, mean_logit, g_lse, g_tgt, g_sum, g_mu, *,
     if (filtered and perm is not None and need_de and need_dc and not need_db and dc_workspace()
             and (de_dtype or e.dtype) == e.dtype == c.dtype and e.element_size() == 2 and backward_budget() is None
             and (n + vocab) * d * e.element_size() >= SMALL_GRAD_BYTES):
-        # The dC workspace's closing permutation, planned (~35 small launches) before the host sync below,
+        # The dC workspace's closing permutation, planned (~70 small launches) before the host sync below,
         # while the GPU is still busy with the forward; dropped if the plan below does not host dC.
         moves = plan_row_moves(perm, sorted_rows(n) * cols_per_slab * (1 if tma else 2) // d)
     if filtered:
