@@ -16,9 +16,7 @@ bf16 matrix under a random permutation for buffers of several sizes, beside the 
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
@@ -26,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import torch  # noqa: E402
 
 from lmforge.cce import gemm_impl  # noqa: E402
-from lmforge.cce.benchmark import cuda_event_times  # noqa: E402
+from lmforge.cce.benchmark import _time_ms  # noqa: E402
 
 SHAPES = {"gemma2-2b-dc": (256000, 2304), "llama3-8b-dc": (128256, 4096), "gemma2-2b-de": (8192, 2304)}
 
@@ -34,15 +32,7 @@ SHAPES = {"gemma2-2b-dc": (256000, 2304), "llama3-8b-dc": (128256, 4096), "gemma
 def timed(fn, repeats: int, device: str, *, busy: bool = False) -> float:
     """Median milliseconds of ``fn`` over ``repeats`` runs after one warm-up; on a GPU by CUDA events, and with
     ``busy`` behind a spinning GPU, so that the host's launches are hidden (the GPU's time alone)."""
-    fn()
-    if device == "cuda":
-        return statistics.median(cuda_event_times(fn, repeats, busy_cycles=int(5e7) if busy else 0))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return _time_ms(fn, torch.device(device), 1, repeats, busy_cycles=int(5e7) if busy and device == "cuda" else 0)
 
 
 def main():

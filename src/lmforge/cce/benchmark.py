@@ -249,12 +249,14 @@ def cuda_event_times(fn, repeats: int, *, busy_cycles: int = 0) -> list[float]:
     return times
 
 
-def _time_ms(fn, device, warmup, repeats):
+def _time_ms(fn, device, warmup, repeats, busy_cycles: int = 0):
+    """Median milliseconds of ``fn`` after ``warmup`` calls: CUDA events on a GPU (``busy_cycles``: see
+    :func:`cuda_event_times`), wall-clock time elsewhere."""
     for _ in range(warmup):
         fn()
     if device.type == "cuda":
         with torch.cuda.device(device):
-            return statistics.median(cuda_event_times(fn, repeats))
+            return statistics.median(cuda_event_times(fn, repeats, busy_cycles=busy_cycles))
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
