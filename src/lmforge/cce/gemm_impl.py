@@ -324,7 +324,7 @@ def _cycles(perm: torch.Tensor, *, kernel: bool | None = None) -> tuple[torch.Te
     smallest position of p's cycle, p's number of moves from it, the cycle's length. Pointer jumping on the
     device, ceil(log2 V) rounds, no host sync: each round doubles a window of moves from p, keeping the
     window's smallest position and the moves to its first occurrence (:func:`cycle_round_kernel`, one launch
-    a round; ``kernel=False``: the same rounds in torch, five launches each). Once the window covers the
+    a round; ``kernel=False``: the same rounds in torch, seven launches each). Once the window covers the
     cycle, that is the leader and the moves from p to it, L - rank; the leader's successor is L - 1 moves
     from it."""
     v = perm.numel()
@@ -976,7 +976,7 @@ def backward(e, c, bias, targets, lse, mean_logit, g_lse, g_tgt, g_sum, g_mu, *,
                                      grads_of(g_lse, g_tgt, g_sum, g_mu), cfg, tma=tma, rows=rows,
                                      cols_per_slab=cols_per_slab, host=host, moves=moves)
         return de, dc, None
-    moves = None
+    moves = None  # planned for the dC workspace, which the plan above did not take
     buffer = torch.empty(rows * piece, dtype=e.dtype if tma else torch.float32, device=e.device)
     de = torch.zeros((n, d), dtype=out_dtype, device=e.device) if de_direct else None
     de32 = torch.zeros((rows, d), dtype=torch.float32, device=e.device) if need_de and not de_direct else None

@@ -14,6 +14,8 @@ Z = E C[slab]^T in float32 (N x S), and needs two memory-bound passes over it:
   program touches its rows.
 
 Both read every element of the slab once: (4 + 2) N S bytes for the gradient pass, 4 N S for the stats.
+Two more move rows for the sorted order's dC: ``scatter_rows_kernel`` (a slab's rows to the vocabulary's)
+and ``cycle_round_kernel`` (the pointer jumping behind ``gemm_impl.permute_rows_``'s in-place moves).
 """
 
 import triton
@@ -181,7 +183,7 @@ def cycle_round_kernel(Jump, Low, Off, JumpOut, LowOut, OffOut, v, span, BLOCK: 
     nxt^(span - 1)(p) and Off[p] the number of moves from p to its first occurrence there; after it (in the
     Out arrays) the same for a window of 2 span: the window of p joined with that of Jump[p]. Once the
     window covers p's whole cycle, Low[p] is the cycle's smallest position and Off[p] the moves from p to it.
-    One launch per round, where torch needed five (two gathers, a comparison, a select, a jump)."""
+    One launch per round, where torch needs seven (three gathers, a comparison, two selects, an add)."""
     p = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = p < v
     j = tl.load(Jump + p, mask=ok, other=0)
