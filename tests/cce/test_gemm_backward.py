@@ -388,6 +388,9 @@ def test_permute_rows_in_place_matches_indexing(kind, batch):
     perm32 = perm.to(torch.int32).to(DEVICE)
     moves = gemm_impl.plan_row_moves(perm32, batch)
     assert torch.equal(perm32.cpu(), perm.to(torch.int32))  # the plan leaves the forward's permutation alone
+    # the kernels' list (where Triton runs) is torch's, entry for entry
+    by_torch = gemm_impl.plan_row_moves(perm32, batch, kernel=False)
+    assert moves.batch == by_torch.batch and all(torch.equal(a, b) for a, b in zip(moves[:4], by_torch[:4]))
     assert torch.equal(gemm_impl.permute_rows_(x0, None, torch.empty((batch + 3, 70), dtype=x.dtype,
                                                                      device=DEVICE), moves), want)
     with pytest.raises(ValueError, match="moves planned for"):

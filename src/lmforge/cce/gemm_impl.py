@@ -46,7 +46,8 @@ from lmforge.cce.triton_impl import (HAS_TRITON, _accumulate_matmul, _launch_kwa
 if HAS_TRITON:
     import triton
 
-    from lmforge.cce.kernels.slab import cycle_round_kernel, scatter_rows_kernel, slab_grad_kernel, slab_stats_kernel
+    from lmforge.cce.kernels.slab import (cycle_heads_kernel, cycle_list_kernel, cycle_round_kernel,
+                                          scatter_rows_kernel, slab_grad_kernel, slab_stats_kernel)
 
     try:  # tensor descriptors (TMA on Hopper): Triton 3.4+
         from triton.tools.tensor_descriptor import TensorDescriptor
@@ -319,6 +320,26 @@ def scatter_rows(dst: torch.Tensor, index: torch.Tensor, src: torch.Tensor, *, a
 CYCLE_BLOCK = 1024
 
 
+def _kernel_moves(perm: torch.Tensor, kernel: bool | None) -> bool:
+    """Whether the permutation's cycles and move list come from the Triton kernels (``kernel=None``: where
+    Triton runs: on a GPU, or under TRITON_INTERPRET=1) or from torch."""
+    return kernel if kernel is not None else HAS_TRITON and (perm.is_cuda or interpreting())
+
+
+def _jump_rounds(perm: torch.Tensor):
+    """(leader, moves to it, three free int32 (V,) tensors) of every position under p -> perm[p], by
+    ceil(log2 V) launches of :func:`cycle_round_kernel` (int32 throughout; perm itself is not written)."""
+    v = perm.numel()
+    state = [perm.to(torch.int32, copy=True), torch.arange(v, dtype=torch.int32, device=perm.device),
+             torch.zeros(v, dtype=torch.int32, device=perm.device)]
+    spare = [torch.empty_like(t) for t in state]
+    grid = (triton.cdiv(v, CYCLE_BLOCK),)
+    for r in range(max(1, (v - 1).bit_length())):
+        cycle_round_kernel[grid](*state, *spare, v, 1 << r, BLOCK=CYCLE_BLOCK, **_launch({"num_warps": 4}))
+        state, spare = spare, state
+    return state[1], state[2], tuple(spare)
+
+
 def _cycles(perm: torch.Tensor, *, kernel: bool | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(leader, rank, length) of every position p under the moves p -> perm[p] (int64, each (V,)): the
     smallest position of p's cycle, p's number of moves from it, the cycle's length. Pointer jumping on the
@@ -329,17 +350,9 @@ def _cycles(perm: torch.Tensor, *, kernel: bool | None = None) -> tuple[torch.Te
     from it."""
     v = perm.numel()
     rounds = max(1, (v - 1).bit_length())
-    if kernel is None:
-        kernel = HAS_TRITON and (perm.is_cuda or interpreting())
-    if kernel:
-        state = [perm.to(torch.int32, copy=True), torch.arange(v, dtype=torch.int32, device=perm.device),
-                 torch.zeros(v, dtype=torch.int32, device=perm.device)]
-        spare = [torch.empty_like(t) for t in state]
-        grid = (triton.cdiv(v, CYCLE_BLOCK),)
-        for r in range(rounds):
-            cycle_round_kernel[grid](*state, *spare, v, 1 << r, BLOCK=CYCLE_BLOCK, **_launch({"num_warps": 4}))
-            state, spare = spare, state
-        leader, off = state[1].long(), state[2].long()
+    if _kernel_moves(perm, kernel):
+        leader, off, _ = _jump_rounds(perm)
+        leader, off = leader.long(), off.long()
     else:
         jump, leader = perm.long(), torch.arange(v, device=perm.device)
         off = torch.zeros(v, dtype=torch.long, device=perm.device)
@@ -365,18 +378,33 @@ class RowMoves(NamedTuple):
     batch: int
 
 
-def plan_row_moves(perm: torch.Tensor, batch: int) -> RowMoves:
+def plan_row_moves(perm: torch.Tensor, batch: int, *, kernel: bool | None = None) -> RowMoves:
     """The moves that take row p to row perm[p] for every p, in place, through a buffer of ``batch`` rows.
 
     The positions are listed cycle by cycle (each from its smallest position, in the moves' order), and the
     list is moved in batches from its end backward: a batch is gathered whole into the buffer before any of
     it is written, and its rows go to positions it has just read or that a later batch has read, except a
     cycle's last row, whose target (the cycle's first position) lies in an earlier batch when the cycle spans
-    batches: that row waits in a side buffer (at most one per batch) until every batch has run. ~70 small
-    launches (pointer jumping), no host sync: the backward queues them while the GPU is still busy."""
+    batches: that row waits in a side buffer (at most one per batch) until every batch has run. No host
+    sync: the backward queues it while the GPU is still busy. Where Triton runs (``kernel``, as for
+    :func:`_cycles`), ceil(log2 V) + 2 kernel launches and a cumsum (~25 at Gemma 2's vocabulary); else
+    ~175 torch launches, the same moves."""
     v = perm.numel()
     b = batch
-    leader, rank, length = _cycles(perm)
+    n_batches = -(-v // b)
+    if _kernel_moves(perm, kernel) and v:
+        leader, off, (heads, rank, length) = _jump_rounds(perm)
+        grid = (triton.cdiv(v, CYCLE_BLOCK),)
+        perm = perm.contiguous()
+        cycle_heads_kernel[grid](perm, leader, off, heads, rank, length, v, BLOCK=CYCLE_BLOCK,
+                                 **_launch({"num_warps": 4}))
+        ends = torch.cumsum(heads, 0, dtype=torch.int32)
+        source, target, side_index = (torch.empty(v, dtype=torch.int32, device=perm.device) for _ in range(3))
+        side_target = torch.full((n_batches,), -1, dtype=torch.int32, device=perm.device)
+        cycle_list_kernel[grid](perm, leader, rank, length, ends, source, target, side_index, side_target, v, b,
+                                BLOCK=CYCLE_BLOCK, **_launch({"num_warps": 4}))
+        return RowMoves(source, target, side_index, side_target, b)
+    leader, rank, length = _cycles(perm, kernel=False)
     # start of each cycle in the list: the lengths of the cycles with a smaller leader, summed (V-long index
     # vectors are dropped as soon as they are used)
     heads = torch.where(rank == 0, length, 0)
@@ -389,7 +417,6 @@ def plan_row_moves(perm: torch.Tensor, batch: int) -> RowMoves:
     # A cycle's last row whose cycle began in an earlier batch: parked in side row (its batch), else -1.
     parked = (rank == length[order] - 1) & (place - rank < (place // b) * b)
     del rank, length
-    n_batches = -(-v // b)
     side_index = torch.where(parked, place // b, -1).int()
     target = perm.long()[order]
     side_target = torch.full((n_batches,), -1, dtype=torch.long, device=perm.device)
@@ -930,7 +957,7 @@ def backward(e, c, bias, targets, lse, mean_logit, g_lse, g_tgt, g_sum, g_mu, *,
     if (filtered and perm is not None and need_de and need_dc and not need_db and dc_workspace()
             and (de_dtype or e.dtype) == e.dtype == c.dtype and e.element_size() == 2 and backward_budget() is None
             and (n + vocab) * d * e.element_size() >= SMALL_GRAD_BYTES):
-        # The dC workspace's closing permutation, planned (~70 small launches) before the host sync below,
+        # The dC workspace's closing permutation, planned (~25 small launches) before the host sync below,
         # while the GPU is still busy with the forward; dropped if the plan below does not host dC.
         moves = plan_row_moves(perm, sorted_rows(n) * cols_per_slab * (1 if tma else 2) // d)
     if filtered:

@@ -195,3 +195,42 @@ def cycle_round_kernel(Jump, Low, Off, JumpOut, LowOut, OffOut, v, span, BLOCK: 
     tl.store(LowOut + p, tl.where(later, low_j, low_p), mask=ok)
     tl.store(OffOut + p, tl.where(later, span + off_j, off_p), mask=ok)
     tl.store(JumpOut + p, tl.load(Jump + j, mask=ok, other=0), mask=ok)
+
+
+@triton.jit
+def cycle_heads_kernel(Perm, Low, Off, Heads, Rank, Length, v, BLOCK: tl.constexpr):
+    """After :func:`cycle_round_kernel`'s last round (Low[p] p's cycle's leader, Off[p] the moves from p to
+    it): p's rank (moves from the leader to p), its cycle's length L (the leader's successor is L - 1 moves
+    from the leader) and, at each leader, L (0 elsewhere: their running sum starts each cycle's list)."""
+    p = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = p < v
+    leader = tl.load(Low + p, mask=ok, other=0)
+    off = tl.load(Off + p, mask=ok, other=0)
+    length = tl.load(Off + tl.load(Perm + leader, mask=ok, other=0), mask=ok, other=0) + 1
+    rank = tl.where(off == 0, 0, length - off)
+    tl.store(Heads + p, tl.where(off == 0, length, 0), mask=ok)
+    tl.store(Rank + p, rank, mask=ok)
+    tl.store(Length + p, length, mask=ok)
+
+
+@triton.jit
+def cycle_list_kernel(Perm, Low, Rank, Length, Ends, Source, Target, SideIndex, SideTarget, v, batch,
+                      BLOCK: tl.constexpr):
+    """The move list of ``gemm_impl.plan_row_moves``: position p's place i in the list is its cycle's start
+    (Ends at the leader, the running sum of the lengths, less the cycle's length) plus its rank. Source[i] = p;
+    Target[i] = Perm[p], except for a cycle's last row whose cycle began in an earlier batch of ``batch``
+    places: that row is parked (Target -1, SideIndex its batch, SideTarget[batch] = Perm[p]); SideIndex is
+    -1 elsewhere. A batch holds at most one parked row, so SideTarget needs no reduction."""
+    p = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = p < v
+    leader = tl.load(Low + p, mask=ok, other=0)
+    rank = tl.load(Rank + p, mask=ok, other=0)
+    length = tl.load(Length + p, mask=ok, other=1)
+    i = tl.load(Ends + leader, mask=ok, other=0) - length + rank
+    to = tl.load(Perm + p, mask=ok, other=0).to(tl.int32)
+    first = (i // batch) * batch
+    parked = (rank == length - 1) & (i - rank < first)
+    tl.store(Source + i, p, mask=ok)
+    tl.store(Target + i, tl.where(parked, -1, to), mask=ok)
+    tl.store(SideIndex + i, tl.where(parked, i // batch, -1), mask=ok)
+    tl.store(SideTarget + i // batch, to, mask=ok & parked)
