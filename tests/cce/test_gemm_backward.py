@@ -272,6 +272,18 @@ def test_scatter_rows_matches_torch_index_ops(dtype, add):
     want = before.clone()
     want.index_copy_(0, index[skip >= 0], src.flip(0)[skip >= 0])
     assert torch.equal(dst, want)
+    # A side destination in the same launch (permute_rows_' parked rows): the skipped rows go there instead.
+    side = torch.zeros(20, 300, dtype=dtype, device=DEVICE)
+    side_index = torch.full_like(skip, -1)
+    side_index[::3] = torch.arange(len(side_index[::3]), device=DEVICE)
+    dst = before.clone()
+    if add:
+        with pytest.raises(ValueError, match="side destination"):
+            gemm_impl.scatter_rows(dst, skip, src.flip(0), add=True, side=side, side_index=side_index)
+        return
+    gemm_impl.scatter_rows(dst, skip, src.flip(0), add=False, side=side, side_index=side_index)
+    assert torch.equal(dst, want)
+    assert torch.equal(side[:len(side_index[::3])], src.flip(0)[::3]) and not side[len(side_index[::3]):].any()
 
 
 def test_dc_host_layout_applies_only_where_the_deepest_chunk_alone_visits_the_hosts():

@@ -304,15 +304,22 @@ def backward_plan(n: int, d: int, vocab: int, cols_per_slab: int, *, elem_bytes:
 SCATTER_ROWS, SCATTER_COLS = 16, 256
 
 
-def scatter_rows(dst: torch.Tensor, index: torch.Tensor, src: torch.Tensor, *, add: bool) -> None:
+def scatter_rows(dst: torch.Tensor, index: torch.Tensor, src: torch.Tensor, *, add: bool,
+                 side: torch.Tensor | None = None, side_index: torch.Tensor | None = None) -> None:
     """dst[index[i]] = src[i] (``add``: +=, in fp32, rounded once) for distinct ``index`` (int32 or int64;
-    rows with a negative index are skipped): :func:`scatter_rows_kernel`, one launch, no atomics."""
+    rows with a negative index are skipped): :func:`scatter_rows_kernel`, one launch, no atomics. ``side``:
+    in the same launch also side[side_index[i]] = src[i] where side_index[i] >= 0 (not with ``add``)."""
     n_rows, d = src.shape
     if n_rows == 0:
         return
+    has_side = side is not None
+    if has_side and add:
+        raise ValueError("scatter_rows: a side destination only for copies (add=False)")
     grid = (-(-n_rows // SCATTER_ROWS), -(-d // SCATTER_COLS))
-    scatter_rows_kernel[grid](src, dst, index, n_rows, d, src.stride(0), dst.stride(0), ADD=add,
-                              ROUND_BF16=interpreting() and dst.dtype == torch.bfloat16,
+    scatter_rows_kernel[grid](src, dst, index, n_rows, d, src.stride(0), dst.stride(0),
+                              side if has_side else dst, side_index if has_side else index,
+                              side.stride(0) if has_side else 0, ADD=add,
+                              ROUND_BF16=interpreting() and dst.dtype == torch.bfloat16, HAS_SIDE=has_side,
                               BLOCK_R=SCATTER_ROWS, BLOCK_D=SCATTER_COLS, **_launch({"num_warps": 4}))
 
 
@@ -448,8 +455,7 @@ def permute_rows_(x: torch.Tensor, perm: torch.Tensor | None, buffer: torch.Tens
         s1 = min(s0 + b, v)
         rows = buffer[: s1 - s0]
         torch.index_select(x, 0, moves.source[s0:s1], out=rows)
-        scatter_rows(x, moves.target[s0:s1], rows, add=False)
-        scatter_rows(side, moves.side_index[s0:s1], rows, add=False)
+        scatter_rows(x, moves.target[s0:s1], rows, add=False, side=side, side_index=moves.side_index[s0:s1])
     scatter_rows(x, moves.side_target, side, add=False)
     return x
 

@@ -150,10 +150,12 @@ def slab_grad_kernel(
 
 
 @triton.jit
-def scatter_rows_kernel(Src, Dst, Index, n_rows, D, stride_src, stride_dst,
-                        ADD: tl.constexpr, ROUND_BF16: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+def scatter_rows_kernel(Src, Dst, Index, n_rows, D, stride_src, stride_dst, Side, SideIndex, stride_side,
+                        ADD: tl.constexpr, ROUND_BF16: tl.constexpr, HAS_SIDE: tl.constexpr, BLOCK_R: tl.constexpr,
+                        BLOCK_D: tl.constexpr):
     """Dst[Index[i]] = Src[i] (or += with ``ADD``, summed in fp32 and rounded once) for i < n_rows; rows with
-    Index[i] < 0 are skipped.
+    Index[i] < 0 are skipped. ``HAS_SIDE``: also Side[SideIndex[i]] = Src[i] where SideIndex[i] >= 0 (a second
+    destination for some rows, in the same pass: ``gemm_impl.permute_rows_``'s parked rows).
 
     The sorted order's dC slab goes back to the vocabulary's rows this way. Index is a permutation's slice,
     so no two programs write one row and no atomics are needed: a pure copy at memory speed, where torch's
@@ -164,7 +166,14 @@ def scatter_rows_kernel(Src, Dst, Index, n_rows, D, stride_src, stride_dst,
     dst_rows = tl.load(Index + rows, mask=rows < n_rows, other=-1).to(tl.int64)
     row_ok = (rows < n_rows) & (dst_rows >= 0)
     mask = row_ok[:, None] & (cols < D)[None, :]
-    x = tl.load(Src + rows[:, None].to(tl.int64) * stride_src + cols[None, :], mask=mask, other=0.0)
+    if HAS_SIDE:
+        side_rows = tl.load(SideIndex + rows, mask=rows < n_rows, other=-1).to(tl.int64)
+        side_mask = ((rows < n_rows) & (side_rows >= 0))[:, None] & (cols < D)[None, :]
+        x = tl.load(Src + rows[:, None].to(tl.int64) * stride_src + cols[None, :], mask=mask | side_mask,
+                    other=0.0)
+        tl.store(Side + side_rows[:, None] * stride_side + cols[None, :], x, mask=side_mask)
+    else:
+        x = tl.load(Src + rows[:, None].to(tl.int64) * stride_src + cols[None, :], mask=mask, other=0.0)
     out = Dst + dst_rows[:, None] * stride_dst + cols[None, :]
     if ADD:
         x = x.to(tl.float32) + tl.load(out, mask=mask, other=0.0).to(tl.float32)
