@@ -1,9 +1,10 @@
 """Time ``gemm_impl.permute_rows_`` (the dC workspace's closing un-permutation) by the size of its batch buffer.
 
 The opt-in dC workspace (``LMFORGE_CCE_DC_WORKSPACE=1``, route (e) of docs/cce-tuning.md) forms dC in the sorted
-vocabulary order and moves its rows home in place, in batches that pass through the backward's dz buffer (~64 MiB
-at Gemma 2's shape). Each batch is gathered into the buffer and scattered out of it; when the buffer outgrows the
-L2 cache (50 MiB on an H100) every row crosses HBM four times instead of two. This times the move of a (V x D)
+vocabulary order and moves its rows home in place, in batches that pass through the backward's dz buffer (32 MiB
+at Gemma 2's shape on Hopper, 64 with cuBLAS's fp32 slabs). Each batch is gathered into the buffer and scattered
+out of it, so every row crosses memory twice; batches that fit the L2 cache were expected to be cheaper, and
+were not (docs/cce-tuning.md: the launches dominate). This times the move of a (V x D)
 bf16 matrix under a random permutation for buffers of several sizes, beside the out-of-place floor
 (``index_copy_`` into a second matrix: each byte read and written once), and checks each result against it:
 ``ms`` as the backward ran it until v3.13.1 (plan and moves at the end), ``gpu_ms`` the same behind a busy GPU
