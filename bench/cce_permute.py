@@ -4,8 +4,8 @@ The opt-in dC workspace (``LMFORGE_CCE_DC_WORKSPACE=1``, route (e) of docs/cce-t
 vocabulary order and moves its rows home in place, in batches that pass through the backward's dz buffer (32 MiB
 at Gemma 2's shape on Hopper, 64 with cuBLAS's fp32 slabs). Each batch is gathered into the buffer and scattered
 out of it, so every row crosses memory twice; batches that fit the L2 cache were expected to be cheaper, and
-were not (docs/cce-tuning.md: the launches dominate). This times the move of a (V x D)
-bf16 matrix under a random permutation for buffers of several sizes, beside the out-of-place floor
+were not (docs/cce-tuning.md: the launches dominate). This times the move of a (V x D) bf16 matrix under a
+random permutation for buffers of several sizes, beside the out-of-place floor
 (``index_copy_`` into a second matrix: each byte read and written once), and checks each result against it:
 ``ms`` as the backward ran it until v3.13.1 (plan and moves at the end), ``gpu_ms`` the same behind a busy GPU
 (the host's planning launches hidden), ``planned_ms`` the moves alone (``plan_row_moves`` done ahead),
