@@ -347,30 +347,36 @@ def _jump_rounds(perm: torch.Tensor):
     return state[1], state[2], tuple(spare)
 
 
-def _cycles(perm: torch.Tensor, *, kernel: bool | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(leader, rank, length) of every position p under the moves p -> perm[p] (int64, each (V,)): the
-    smallest position of p's cycle, p's number of moves from it, the cycle's length. Pointer jumping on the
-    device, ceil(log2 V) rounds, no host sync: each round doubles a window of moves from p, keeping the
-    window's smallest position and the moves to its first occurrence (:func:`cycle_round_kernel`, one launch
-    a round; ``kernel=False``: the same rounds in torch, seven launches each). Once the window covers the
-    cycle, that is the leader and the moves from p to it, L - rank; the leader's successor is L - 1 moves
-    from it."""
+def _cycle_tables(perm: torch.Tensor, kernel: bool | None = None):
+    """(leader, rank, length, head) of every position p under the moves p -> perm[p], each (V,): the smallest
+    position of p's cycle, p's number of moves from it, the cycle's length, and that length at the leader
+    (0 elsewhere: their running sum starts each cycle's list). Pointer jumping on the device, ceil(log2 V)
+    rounds, no host sync: each round doubles a window of moves from p, keeping the window's smallest position
+    and the moves to its first occurrence. Once the window covers the cycle, that is the leader and the moves
+    from p to it, L - rank; the leader's successor is L - 1 moves from it. Where Triton runs (``kernel``, see
+    :func:`_kernel_moves`): :func:`cycle_round_kernel` once a round, then :func:`cycle_heads_kernel` (int32);
+    else the same in torch, seven launches a round (int64)."""
     v = perm.numel()
-    rounds = max(1, (v - 1).bit_length())
-    if _kernel_moves(perm, kernel):
-        leader, off, _ = _jump_rounds(perm)
-        leader, off = leader.long(), off.long()
-    else:
-        jump, leader = perm.long(), torch.arange(v, device=perm.device)
-        off = torch.zeros(v, dtype=torch.long, device=perm.device)
-        for r in range(rounds):
-            low_j, off_j = leader[jump], off[jump]
-            later = low_j < leader
-            leader, off = torch.where(later, low_j, leader), torch.where(later, off_j + (1 << r), off)
-            jump = jump[jump]
+    if _kernel_moves(perm, kernel) and v:
+        leader, off, (head, rank, length) = _jump_rounds(perm)
+        cycle_heads_kernel[(triton.cdiv(v, CYCLE_BLOCK),)](perm.contiguous(), leader, off, head, rank, length, v,
+                                                             BLOCK=CYCLE_BLOCK, **_launch({"num_warps": 4}))
+        return leader, rank, length, head
+    jump, leader = perm.long(), torch.arange(v, device=perm.device)
+    off = torch.zeros(v, dtype=torch.long, device=perm.device)
+    for r in range(max(1, (v - 1).bit_length())):
+        low_j, off_j = leader[jump], off[jump]
+        later = low_j < leader
+        leader, off = torch.where(later, low_j, leader), torch.where(later, off_j + (1 << r), off)
+        jump = jump[jump]
     length = off[perm.long()[leader]] + 1
     rank = torch.where(off == 0, 0, length - off)
-    return leader, rank, length
+    return leader, rank, length, torch.where(off == 0, length, 0)
+
+
+def _cycles(perm: torch.Tensor, *, kernel: bool | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(leader, rank, length) of :func:`_cycle_tables`, int64."""
+    return tuple(t.long() for t in _cycle_tables(perm, kernel)[:3])
 
 
 class RowMoves(NamedTuple):
@@ -394,27 +400,22 @@ def plan_row_moves(perm: torch.Tensor, batch: int, *, kernel: bool | None = None
     cycle's last row, whose target (the cycle's first position) lies in an earlier batch when the cycle spans
     batches: that row waits in a side buffer (at most one per batch) until every batch has run. No host
     sync: the backward queues it while the GPU is still busy. Where Triton runs (``kernel``, as for
-    :func:`_cycles`), ceil(log2 V) + 2 kernel launches and a cumsum (~25 at Gemma 2's vocabulary); else
+    :func:`_cycle_tables`), ceil(log2 V) + 2 kernel launches and a cumsum (~25 at Gemma 2's vocabulary); else
     ~175 torch launches, the same moves."""
     v = perm.numel()
     b = batch
     n_batches = -(-v // b)
+    leader, rank, length, heads = _cycle_tables(perm, kernel)
     if _kernel_moves(perm, kernel) and v:
-        leader, off, (heads, rank, length) = _jump_rounds(perm)
-        grid = (triton.cdiv(v, CYCLE_BLOCK),)
-        perm = perm.contiguous()
-        cycle_heads_kernel[grid](perm, leader, off, heads, rank, length, v, BLOCK=CYCLE_BLOCK,
-                                 **_launch({"num_warps": 4}))
         ends = torch.cumsum(heads, 0, dtype=torch.int32)
         source, target, side_index = (torch.empty(v, dtype=torch.int32, device=perm.device) for _ in range(3))
         side_target = torch.full((n_batches,), -1, dtype=torch.int32, device=perm.device)
-        cycle_list_kernel[grid](perm, leader, rank, length, ends, source, target, side_index, side_target, v, b,
-                                BLOCK=CYCLE_BLOCK, **_launch({"num_warps": 4}))
+        cycle_list_kernel[(triton.cdiv(v, CYCLE_BLOCK),)](perm.contiguous(), leader, rank, length, ends, source,
+                                                           target, side_index, side_target, v, b,
+                                                           BLOCK=CYCLE_BLOCK, **_launch({"num_warps": 4}))
         return RowMoves(source, target, side_index, side_target, b)
-    leader, rank, length = _cycles(perm, kernel=False)
     # start of each cycle in the list: the lengths of the cycles with a smaller leader, summed (V-long index
     # vectors are dropped as soon as they are used)
-    heads = torch.where(rank == 0, length, 0)
     position = (torch.cumsum(heads, 0) - heads)[leader] + rank  # p's place in the list
     del heads, leader
     order = torch.empty_like(position).scatter_(0, position, torch.arange(v, device=perm.device))
@@ -960,8 +961,11 @@ def backward(e, c, bias, targets, lse, mean_logit, g_lse, g_tgt, g_sum, g_mu, *,
     counts, order, moves = [n] * -(-vocab // cols_per_slab), None, None
     tma = tma_applies(e, c, backward=True)
     filtered = filter_eps is not None and slab_lse is not None and g_sum is None and g_mu is None
-    if (filtered and perm is not None and need_de and need_dc and not need_db and dc_workspace()
-            and (de_dtype or e.dtype) == e.dtype == c.dtype and e.element_size() == 2 and backward_budget() is None
+    # Whether the dC workspace may take this backward (16-bit dE and dC in e's dtype, no db), given a sorted
+    # order whose rows live in dE and whole-slab steps (checked below) and room for it (_dc_host_layout).
+    workspace = (need_de and need_dc and not need_db and (de_dtype or e.dtype) == e.dtype == c.dtype
+                 and e.element_size() == 2 and dc_workspace())
+    if (workspace and filtered and perm is not None and backward_budget() is None
             and (n + vocab) * d * e.element_size() >= SMALL_GRAD_BYTES):
         # The dC workspace's closing permutation, planned (~25 small launches) before the host sync below,
         # while the GPU is still busy with the forward; dropped if the plan below does not host dC.
@@ -1002,8 +1006,7 @@ def backward(e, c, bias, targets, lse, mean_logit, g_lse, g_tgt, g_sum, g_mu, *,
                                     max_chunks=EXACT_MAX_CHUNKS if perm is None else None)
     chunks = -(-n // rows)
     host = (_dc_host_layout(n, d, vocab, cols_per_slab, rows, counts, dz_bytes=e.element_size() if tma else 4)
-            if rows_in_de and need_dc and not need_db and piece == cols_per_slab and c.dtype == e.dtype
-            and e.element_size() == 2 and dc_workspace() else None)
+            if workspace and rows_in_de and piece == cols_per_slab else None)
     if host is not None:
         de, dc = _backward_dc_hosted(e, c, perm, order, counts, vectors, slab_bias, slab_targets, softcap,
                                      grads_of(g_lse, g_tgt, g_sum, g_mu), cfg, tma=tma, rows=rows,
