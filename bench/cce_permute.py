@@ -1,15 +1,15 @@
 """Time ``gemm_impl.permute_rows_`` (the dC workspace's closing un-permutation) by the size of its batch buffer.
 
-The opt-in dC workspace (``LMFORGE_CCE_DC_WORKSPACE=1``, route (e) of docs/cce-tuning.md) forms dC in the sorted
-vocabulary order and moves its rows home in place, in batches that pass through the backward's dz buffer (32 MiB
-at Gemma 2's shape on Hopper, 64 with cuBLAS's fp32 slabs). Each batch is gathered into the buffer and scattered
-out of it, so every row crosses memory twice; batches that fit the L2 cache were expected to be cheaper, and
-were not (docs/cce-tuning.md: the launches dominate). This times the move of a (V x D) bf16 matrix under a
-random permutation for buffers of several sizes, beside the out-of-place floor
-(``index_copy_`` into a second matrix: each byte read and written once), and checks each result against it:
-``ms`` as the backward ran it until v3.13.1 (plan and moves at the end), ``gpu_ms`` the same behind a busy GPU
-(the host's planning launches hidden), ``planned_ms`` the moves alone (``plan_row_moves`` done ahead),
-``plan_gpu_ms`` the plan alone behind a busy GPU (what the backward's queue pays for it before its host sync).
+The dC workspace (the default since v3.14; ``LMFORGE_CCE_DC_WORKSPACE=0`` turns it off; route (e) of
+docs/cce-tuning.md) forms dC in the sorted vocabulary order and moves its rows home in place, in batches that pass
+through the backward's dz buffer (32 MiB at Gemma 2's shape on Hopper, 64 with cuBLAS's fp32 slabs). Each batch is
+gathered into the buffer and scattered out of it, so every row crosses memory twice; batches that fit the L2 cache
+were expected to be cheaper, and were not (docs/cce-tuning.md: the launches dominate). This times the move of a (V x
+D) bf16 matrix under a random permutation for buffers of several sizes, beside the out-of-place floor
+(``index_copy_`` into a second matrix: each byte read and written once), and checks each result against it: ``ms``
+as the backward ran it until v3.13.1 (plan and moves at the end), ``gpu_ms`` the same behind a busy GPU (the host's
+planning launches hidden), ``planned_ms`` the moves alone (``plan_row_moves`` done ahead), ``plan_gpu_ms`` the plan
+alone behind a busy GPU (what the backward's queue pays for it before its host sync).
 
     python bench/cce_permute.py --out bench/results/cce_permute.json                 # GPU, ~1 min
     TRITON_INTERPRET=1 python bench/cce_permute.py --shape 2048x64 --buffers 0.0625 0.25 --device cpu  # smoke

@@ -187,8 +187,10 @@ def test_chunked_backward_with_some_gradients_only(monkeypatch, need, sorted_ord
 def test_default_plans(monkeypatch, sorted_order, small):
     # Without LMFORGE_CCE_BWD_MB: a small problem (dE + dC under SMALL_GRAD_BYTES) runs one chunk of whole
     # slabs; else the filtered (sorted) backward runs sorted_rows(n) rows per chunk of whole slabs and the
-    # vocabulary order backward_plan's split within default_budget. Each gives one chunk's gradients.
+    # vocabulary order backward_plan's split within default_budget. Each gives one chunk's gradients. (The
+    # dC workspace, on by default, has its own tests below: off here, where the plans are the subject.)
     monkeypatch.delenv("LMFORGE_CCE_BWD_MB", raising=False)
+    monkeypatch.setenv("LMFORGE_CCE_DC_WORKSPACE", "0")
     monkeypatch.setenv("LMFORGE_CCE_SLAB_MB", str(32 * N * 4 / 2**20))
     monkeypatch.setattr(gemm_impl, "DENSE_SHARE", 1.01)
     if not small:
@@ -346,8 +348,9 @@ def test_backward_in_dc_workspace_matches_the_sorted_plan(monkeypatch, tma, plan
     assert rel_err(de1, want_de) < 1.2e-2 and rel_err(dc1, want_dc) < 1.2e-2
 
 
-def test_loss_with_the_dc_workspace_matches_the_default(monkeypatch):
-    # The same route through the public loss and autograd (the forward's own sorted order and table).
+def test_loss_with_the_dc_workspace_matches_the_two_chunk_plan(monkeypatch):
+    # The same route through the public loss and autograd (the forward's own sorted order and table): the
+    # default (LMFORGE_CCE_DC_WORKSPACE unset) takes it, "0" the two-chunk plan, with the same gradients.
     from lmforge.cce import linear_cross_entropy
 
     monkeypatch.setenv("LMFORGE_CCE_SLAB_MB", str(32 * N * 4 / 2**20))
@@ -359,8 +362,11 @@ def test_loss_with_the_dc_workspace_matches_the_default(monkeypatch):
     monkeypatch.setattr(gemm_impl, "_backward_dc_hosted", lambda *a, **k: hosted_calls.append(1) or hosted(*a, **k))
     e, c, t = sharp_rows(400, seed=2)
     grads = []
-    for flag in ("0", "1"):
-        monkeypatch.setenv("LMFORGE_CCE_DC_WORKSPACE", flag)
+    for flag in ("0", None):
+        if flag is None:
+            monkeypatch.delenv("LMFORGE_CCE_DC_WORKSPACE", raising=False)
+        else:
+            monkeypatch.setenv("LMFORGE_CCE_DC_WORKSPACE", flag)
         e.grad = c.grad = None
         linear_cross_entropy(e, c, t, impl="gemm", filter_eps=2.0 ** -6).backward()
         grads.append((e.grad.clone(), c.grad.clone()))

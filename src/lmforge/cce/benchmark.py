@@ -119,10 +119,12 @@ def _apple(impl):
 
 IMPLEMENTATIONS = {"lmforge": lmforge_loss, "lmforge_triton": lmforge_triton_loss,
                    "lmforge_exact": lmforge_exact_loss, "lmforge_fast": lmforge_fast_loss, "torch": torch_loss,
-                   "lmforge_dc_workspace": lmforge_loss}
-# Environment variables an implementation runs under (forward and backward), restored afterwards:
-# "lmforge_dc_workspace" is the default with the filtered backward's workspace in dC's buffer (opt-in).
-IMPL_ENV = {"lmforge_dc_workspace": {"LMFORGE_CCE_DC_WORKSPACE": "1"}}
+                   "lmforge_dc_workspace": lmforge_loss, "lmforge_no_dc_workspace": lmforge_loss}
+# Environment variables an implementation runs under (forward and backward), restored afterwards: the default
+# loss with the filtered backward's workspace in dC's buffer forced on (the default since v3.14) or off (the
+# default before: two row chunks with their own workspace, ~1.08x dE + dC at Gemma 2's shape).
+IMPL_ENV = {"lmforge_dc_workspace": {"LMFORGE_CCE_DC_WORKSPACE": "1"},
+            "lmforge_no_dc_workspace": {"LMFORGE_CCE_DC_WORKSPACE": "0"}}
 # Peers are imported only when asked for (they are optional, and only some run on the CPU).
 PEERS = {"torch_lce": _torch_linear_cross_entropy, "torch_compile": _torch_compile, "liger": _liger,
          "apple_cce": _apple("cce"), "apple_cce_exact": _apple("cce_exact")}
