@@ -35,6 +35,8 @@ def main():
                             real_path=args.real_path)
     result = run_benchmark(config)
     print(markdown_table(result))
+    for job, laps in result["phase_seconds"].items():  # where the call's wall time went, per shape and regime
+        print(f"seconds {job}: " + ", ".join(f"{phase} {sec:.1f}" for phase, sec in laps.items()))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import time
 
 import pytest
 import torch
@@ -13,8 +14,17 @@ def test_benchmark_rows_errors_and_regime_statistics(tmp_path):
     impls = ("lmforge", "lmforge_exact", "lmforge_fast", "torch")
     config = CCEBenchConfig(shapes=["96x32x700"], regimes=("random", "calibrated"), dtype="bfloat16",
                             impls=impls, warmup=0, repeats=1, out_dir=str(tmp_path))
+    t0 = time.perf_counter()
     result = run_benchmark(config, progress=False)
+    wall = time.perf_counter() - t0
     assert json.loads((tmp_path / "results.json").read_text())["rows"] == result["rows"]
+    # Phase seconds per job: inputs, reference, the regime's statistics (not for random) and each impl, in
+    # order, together within the call's own wall time.
+    laps = result["phase_seconds"]
+    assert list(laps["96x32x700/random"]) == ["inputs", "reference", *impls]
+    assert list(laps["96x32x700/calibrated"]) == ["inputs", "reference", "regime_stats", *impls]
+    assert all(sec >= 0 for job in laps.values() for sec in job.values())
+    assert 0 < sum(sec for job in laps.values() for sec in job.values()) <= wall + 0.01
     rows = {(r["regime"], r["impl"]): r for r in result["rows"]}
     assert set(rows) == {(regime, impl) for regime in config.regimes for impl in impls}
     for (regime, impl), row in rows.items():
@@ -49,8 +59,9 @@ def test_benchmark_rejects_unknown_impls_and_dtypes(tmp_path):
 
 
 def test_an_implementations_environment_holds_during_its_measurement_only(monkeypatch, tmp_path):
-    # "lmforge_dc_workspace" is the default loss measured with LMFORGE_CCE_DC_WORKSPACE=1 (read by the GEMM
-    # backward, after the loss function has returned): set around the whole measurement, then restored.
+    # "lmforge_dc_workspace" / "lmforge_no_dc_workspace" are the default loss measured with
+    # LMFORGE_CCE_DC_WORKSPACE forced to 1 / 0 (read by the GEMM backward, after the loss function has
+    # returned): set around the whole measurement, then restored; "lmforge" runs under the caller's setting.
     import lmforge.cce.benchmark as bench
 
     monkeypatch.delenv("LMFORGE_CCE_DC_WORKSPACE", raising=False)
@@ -62,12 +73,13 @@ def test_an_implementations_environment_holds_during_its_measurement_only(monkey
         return measure(name, *args, **kwargs)
 
     monkeypatch.setattr(bench, "measure", spy)
-    config = CCEBenchConfig(shapes=["16x8x40"], regimes=("random",), impls=("lmforge", "lmforge_dc_workspace"),
-                            warmup=0, repeats=1, out_dir=str(tmp_path))
+    impls = ("lmforge", "lmforge_dc_workspace", "lmforge_no_dc_workspace")
+    config = CCEBenchConfig(shapes=["16x8x40"], regimes=("random",), impls=impls, warmup=0, repeats=1,
+                            out_dir=str(tmp_path))
     rows = run_benchmark(config, progress=False)["rows"]
-    assert seen == [("lmforge", None), ("lmforge_dc_workspace", "1")]
+    assert seen == [("lmforge", None), ("lmforge_dc_workspace", "1"), ("lmforge_no_dc_workspace", "0")]
     assert "LMFORGE_CCE_DC_WORKSPACE" not in os.environ
-    assert [r["impl"] for r in rows] == ["lmforge", "lmforge_dc_workspace"]
+    assert [r["impl"] for r in rows] == list(impls)
 
 
 def test_compare_flag_runs_every_implementation_and_regime(monkeypatch, tmp_path):

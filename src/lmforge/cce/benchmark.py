@@ -301,6 +301,25 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
+class _PhaseClock:
+    """Wall seconds between laps (the device synchronised first, so queued GPU work counts where it ran)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.laps = device, {}
+        self._sync()
+        self._last = time.perf_counter()
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def lap(self, name: str) -> None:
+        self._sync()
+        now = time.perf_counter()
+        self.laps[name] = round(now - self._last, 3)
+        self._last = now
+
+
 def run_benchmark(config: CCEBenchConfig, progress: bool = True) -> dict:
     """Run the benchmark and write results.json and results.md into the run folder."""
     from tqdm.auto import tqdm
@@ -318,18 +337,23 @@ def run_benchmark(config: CCEBenchConfig, progress: bool = True) -> dict:
     out_dir = Path(config.out_dir or Path("runs") / "bench-cce" / time.strftime("%Y%m%d-%H%M%S"))
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    rows, stats = [], {}
+    rows, stats, seconds = [], {}, {}
     jobs = [(name, regime) for name in shapes for regime in config.regimes
             if regime != "real" or shapes[name][1:] == CPU_SHAPES["smollm2-135m"][1:]]
     bar = tqdm(total=len(jobs) * (len(config.impls) + 1), desc="bench cce", disable=not progress)
     for name, regime in jobs:
         n, d, v = shapes[name]
+        # Wall seconds per phase (a GPU call's budget goes mostly to what is not measured: this says where)
+        clock = _PhaseClock(device)
         e, c, t = make_inputs(regime, n, d, v, dtype=dtype, device=device, seed=config.seed,
                               real_path=config.real_path)
+        clock.lap("inputs")
         bar.set_postfix_str(f"{name}/{regime}: float64 reference")
         ref = float64_reference(e, c, t)
+        clock.lap("reference")
         if regime != "random":
             stats[f"{name}/{regime}"] = regime_stats(e, c, t)
+            clock.lap("regime_stats")
         bar.update()
         for impl in config.impls:
             bar.set_postfix_str(f"{name}/{regime}: {impl}")
@@ -344,12 +368,14 @@ def run_benchmark(config: CCEBenchConfig, progress: bool = True) -> dict:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             rows.append(dict(shape=name, regime=regime, n=n, d=d, v=v, **row))
+            clock.lap(impl)
             bar.update()
         del e, c, t, ref
+        seconds[f"{name}/{regime}"] = clock.laps
     bar.close()
     result = dict(device=_device_name(device), dtype=str(dtype).replace("torch.", ""),
                   torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
-                  config=dataclasses.asdict(config), regime_stats=stats, rows=rows)
+                  config=dataclasses.asdict(config), regime_stats=stats, phase_seconds=seconds, rows=rows)
     write_text_atomic(out_dir / "results.json", json.dumps(result, indent=2))
     write_text_atomic(out_dir / "results.md", markdown_table(result))
     result["out_dir"] = str(out_dir)
