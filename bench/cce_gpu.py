@@ -2,7 +2,9 @@
 
 Usage (peers must be importable; on the lent device they travel as wheels):
     python bench/cce_gpu.py --out bench/results/cce_h200.json [--shapes gemma2-2b ...] [--impls ...]
-Same as `lmforge bench cce --compare`.
+Same as `lmforge bench cce --compare`. With ``LMFORGE_CCE_INPUT_CACHE=DIR`` the calibrated inputs are kept in
+DIR (safetensors, keyed by shape, dtype, seed, device type and the generator's source), so later processes of
+the same call (bench/cce_ab.py's runs, bench/cce_profile.py) load them instead of generating them again.
 """
 
 import argparse

@@ -92,3 +92,25 @@ def test_generator_narrow_rows_keep_their_mass_in_the_sorted_head():
     assert every["slabs_kept"] < third["slabs_kept"] < none["slabs_kept"]
     assert every["slabs_kept"] < 0.7 * none["slabs_kept"]
     assert wide["slabs_kept"] == pytest.approx(none["slabs_kept"], rel=0.15)
+
+
+def test_calibrated_inputs_cache_returns_the_generated_tensors_and_keys_by_seed(tmp_path, monkeypatch):
+    # The benchmark's input cache (LMFORGE_CCE_INPUT_CACHE): the first call generates and writes one file,
+    # the second loads it (the generator is not called again), both equal to an uncached generation; another
+    # seed is another file and other tensors.
+    import lmforge.cce.regimes as regimes
+
+    fresh = regimes.calibrated_inputs(48, 24, 300, dtype=torch.bfloat16, device="cpu", seed=1)
+    monkeypatch.setenv("LMFORGE_CCE_INPUT_CACHE", str(tmp_path))
+    first = regimes.make_inputs("calibrated", 48, 24, 300, dtype=torch.bfloat16, device="cpu", seed=1)
+    assert len(list(tmp_path.glob("*.safetensors"))) == 1 and not list(tmp_path.glob(".*"))
+    generated = []
+    real = regimes.calibrated_inputs
+    monkeypatch.setattr(regimes, "calibrated_inputs", lambda *a, **k: generated.append(1) or real(*a, **k))
+    second = regimes.make_inputs("calibrated", 48, 24, 300, dtype=torch.bfloat16, device="cpu", seed=1)
+    assert generated == []
+    for got in (first, second):
+        assert all(torch.equal(x, y) and x.dtype == y.dtype for x, y in zip(got, fresh))
+    other = regimes.make_inputs("calibrated", 48, 24, 300, dtype=torch.bfloat16, device="cpu", seed=2)
+    assert generated == [1] and len(list(tmp_path.glob("*.safetensors"))) == 2
+    assert not torch.equal(other[0], fresh[0])

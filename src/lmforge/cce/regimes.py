@@ -17,7 +17,12 @@ depend on how peaked the softmax is and how much mass sits in its tail. Three re
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
+import uuid
+from pathlib import Path
 
 import torch
 
@@ -262,13 +267,44 @@ def real_inputs(path, *, dtype, device, n=None):
     return e.to(device, dtype), c.to(torch.bfloat16).to(device, dtype), t.to(device)
 
 
-def make_inputs(regime, n, d, v, *, dtype, device, seed=0, real_path=None):
+def make_inputs(regime, n, d, v, *, dtype, device, seed=0, real_path=None, cache_dir=None):
+    """(e, c, targets) of a regime. ``cache_dir`` (default: ``LMFORGE_CCE_INPUT_CACHE``, unset: no cache)
+    keeps calibrated inputs as safetensors files, so that later processes load them instead of solving
+    every row again (at Gemma 2's shape that solve is most of a fresh benchmark process)."""
     if regime == "random":
         return random_inputs(n, d, v, dtype=dtype, device=device, seed=seed)
     if regime == "calibrated":
+        cache_dir = cache_dir or os.environ.get("LMFORGE_CCE_INPUT_CACHE")
+        if cache_dir:
+            return _cached_calibrated(Path(cache_dir), n, d, v, dtype=dtype, device=torch.device(device),
+                                      seed=seed)
         return calibrated_inputs(n, d, v, dtype=dtype, device=device, seed=seed)
     if regime == "real":
         if real_path is None:
             raise ValueError("the real regime needs real_path (made by bench/cce_real_data.py)")
         return real_inputs(real_path, dtype=dtype, device=device, n=n)
     raise ValueError(f"regime must be 'random', 'calibrated' or 'real', got {regime!r}")
+
+
+def _cached_calibrated(cache_dir: Path, n, d, v, *, dtype, device: torch.device, seed):
+    """:func:`calibrated_inputs` through a file cache. The key covers everything the result depends on: the
+    shape, dtype, seed, the generator's parameters and source (this module's bytes) and the device type (the
+    GPU's float32 sums differ from the CPU's). Files are written under a temporary name and renamed, so
+    concurrent processes never read half a file."""
+    from safetensors.torch import load_file, save_file
+
+    key = json.dumps(dict(n=n, d=d, v=v, dtype=str(dtype), seed=seed, device=device.type,
+                          params=sorted(CALIBRATED.items(), key=lambda kv: kv[0]),
+                          source=hashlib.sha256(Path(__file__).read_bytes()).hexdigest()), default=str)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    path = cache_dir / f"calibrated-{n}x{d}x{v}-{str(dtype).replace('torch.', '')}-seed{seed}-{digest}.safetensors"
+    if path.is_file():
+        loaded = load_file(str(path), device=str(device))
+        return loaded["e"], loaded["c"], loaded["targets"]
+    e, c, targets = calibrated_inputs(n, d, v, dtype=dtype, device=device, seed=seed)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    save_file({"e": e.contiguous().cpu(), "c": c.contiguous().cpu(), "targets": targets.contiguous().cpu()},
+              str(temporary))
+    os.replace(temporary, path)
+    return e, c, targets
