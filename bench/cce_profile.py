@@ -1,7 +1,7 @@
 """Where the time goes in one forward+backward (or forward) of lmforge's CCE (GPU): CUDA time per kernel name.
 
     python bench/cce_profile.py --shape gemma2-2b --regime calibrated [--filter-eps auto] [--forward]
-        [--event-timing] [--trace] [--host]
+        [--event-timing] [--trace] [--syncs] [--host]
 """
 
 import argparse
@@ -34,6 +34,9 @@ def main():
     ap.add_argument("--trace", action="store_true",
                     help="also trace 5 plainly event-timed steps and split each into GPU idle before its longest "
                          "kernel, that kernel's duration and the rest (where an event-timed step's time goes)")
+    ap.add_argument("--syncs", action="store_true",
+                    help="also list every host synchronisation torch reports in one step "
+                         "(torch.cuda.set_sync_debug_mode): a sync the design does not expect leaves the GPU idle")
     ap.add_argument("--host", action="store_true",
                     help="also profile the host (cProfile) over steps enqueued behind a busy GPU (20 forwards or 3 "
                          "forward+backward steps): the Python and launch work of a call, by function")
@@ -58,6 +61,9 @@ def main():
     if args.event_timing:
         for busy in (False, True):
             print(f"event-timed, GPU busy before start={busy}: {event_timed(step, busy):.2f} ms (median of 10)")
+    if args.syncs:
+        for where, count in synchronising_calls(step).items():
+            print(f"host sync x{count}: {where}")
     if args.host:  # a forward+backward step queues ~230 launches: 3 fit the launch queue, 20 would block
         host_profile(step, repeats=20 if args.forward else 3)
     if args.trace:
@@ -69,6 +75,30 @@ def main():
     print(f"{args.shape} / {args.regime} / filter_eps {args.filter_eps}" + (" / forward" if args.forward else ""),
           flush=True)
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
+
+
+def synchronising_calls(step) -> dict[str, int]:
+    """Where one call of ``step`` synchronises the host with the GPU, as torch reports it with
+    ``set_sync_debug_mode("warn")`` (reads such as ``.item()``, ``.tolist()``, ``nonzero``; not the allocator's
+    own waits): {"file:line: message": count}, in order of first occurrence. The filtered backward is meant
+    to read its row counts once per step."""
+    import warnings
+
+    found: dict[str, int] = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    for w in caught:
+        text = str(w.message)
+        if "synchroniz" not in text:
+            continue
+        key = f"{Path(w.filename).name}:{w.lineno}: {text.splitlines()[0][:80]}"
+        found[key] = found.get(key, 0) + 1
+    return found
 
 
 def host_profile(step, repeats: int = 20, rows: int = 25):

@@ -107,6 +107,37 @@ def test_compare_flag_runs_every_implementation_and_regime(monkeypatch, tmp_path
     assert "apple_cce" in benchmark.compare_impls("cuda") and "liger" in benchmark.COMPARE_IMPLS["cuda"]
 
 
+def test_profile_syncs_counts_each_synchronising_line_and_restores_the_mode(monkeypatch):
+    # bench/cce_profile.py --syncs: torch's sync debug mode turns each host synchronisation into a warning at
+    # the Python line that caused it; those are counted per line, other warnings ignored, and the mode is back
+    # to "default" afterwards, also when the step raises. (The mode itself needs CUDA: recorded here.)
+    import warnings
+
+    from tests.conftest import load_bench_script
+
+    profile_script = load_bench_script("cce_profile")
+    modes = []
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+
+    def step():
+        for _ in range(2):
+            warnings.warn("called a synchronizing CUDA operation")  # the same line twice
+        warnings.warn("an unrelated deprecation")
+        warnings.warn("called a synchronizing CUDA operation")
+
+    found = profile_script.synchronising_calls(step)
+    assert modes == ["warn", "default"]
+    assert sorted(found.values()) == [1, 2] and all("test_benchmark.py:" in k for k in found)
+    assert not any("unrelated" in k for k in found)
+
+    def failing():
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        profile_script.synchronising_calls(failing)
+    assert modes[-1] == "default"
+
+
 def test_profile_step_timeline_splits_gpu_idle_from_kernel_time():
     # bench/cce_profile.py --trace: a synthetic chrome trace with two host-side steps. The first step's
     # longest kernel starts 1.4 ms after the step began (GPU idle while the host enqueues); the second's
