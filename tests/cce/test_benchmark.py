@@ -7,6 +7,7 @@ import time
 import pytest
 import torch
 
+from lmforge.cce import gemm_impl
 from lmforge.cce.benchmark import CCEBenchConfig, markdown_table, run_benchmark
 
 
@@ -136,6 +137,24 @@ def test_profile_syncs_counts_each_synchronising_line_and_restores_the_mode(monk
     with pytest.raises(RuntimeError, match="boom"):
         profile_script.synchronising_calls(failing)
     assert modes[-1] == "default"
+
+
+def test_backward_launch_count_matches_the_visited_slab_steps(monkeypatch):
+    # bench/cce_backward_launches.py on the two-chunk plan: every visited (chunk, slab) step issues one dz
+    # launch, one dE product, one dC product, one logit product (no TMA on the CPU) and one dC row scatter;
+    # filtering skips some steps, and a step is never counted twice.
+    from tests.conftest import load_bench_script
+
+    monkeypatch.setenv("LMFORGE_CCE_DC_WORKSPACE", "0")
+    monkeypatch.delenv("LMFORGE_CCE_BWD_MB", raising=False)
+    script = load_bench_script("cce_backward_launches")
+    counts = script.count_backward(128, 16, 1000, 64)
+    steps = counts["triton"]["slab_grad_kernel"]
+    chunks, slabs = -(-128 // gemm_impl.sorted_rows(128)), -(-1000 // 64)
+    assert 0 < steps < chunks * slabs
+    assert counts["triton"]["scatter_rows_kernel"] == counts["aten"]["aten::addmm_"] == steps
+    assert counts["aten"]["aten::mm"] == 2 * steps
+    assert counts["aten"]["aten::bincount"] == 1  # the row counts, read once
 
 
 def test_profile_step_timeline_splits_gpu_idle_from_kernel_time():
