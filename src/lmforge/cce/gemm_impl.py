@@ -816,6 +816,12 @@ def dc_workspace() -> bool:
     return os.environ.get("LMFORGE_CCE_DC_WORKSPACE", "1") != "0"
 
 
+def _through_rows(rows: int, cols_per_slab: int, d: int, tma: bool) -> int:
+    """Rows of ``d`` 16-bit entries that the dC workspace's dz buffer holds once free, for the closing
+    permutation's batches: rows x cols_per_slab entries, twice as many 16-bit ones where cuBLAS's slab is fp32."""
+    return rows * cols_per_slab * (1 if tma else 2) // d
+
+
 def _dc_host_layout(n: int, d: int, vocab: int, cols: int, rows: int, counts: list, *, dz_bytes: int):
     """Where :func:`_backward_dc_hosted` keeps its workspace in dC's buffer (rows in the sorted order), or None
     where it does not apply: (first host slab, first row of the fp32 accumulator, first row of the gathered
@@ -922,7 +928,7 @@ def _backward_dc_hosted(e, c, perm, order, counts, vectors, slab_bias, slab_targ
         torch.mm(dz.t(), e_rows[:k], out=own)
     # Back to the vocabulary's rows (dC) and the tokens' rows (dE), in place, through the dz buffer.
     dz = c_slab = e_rows = grad_tma = None
-    through = narrow.view(-1)[: (narrow.numel() // d) * d].view(-1, d)
+    through = narrow.view(-1)[: _through_rows(rows, cols_per_slab, d, tma) * d].view(-1, d)
     if n <= through.shape[0]:  # dE fits the free buffer whole: out of place, each row read and written twice
         depth_rows = through[:n].copy_(de)
         de.index_copy_(0, order, depth_rows)
@@ -971,7 +977,7 @@ def backward(e, c, bias, targets, lse, mean_logit, g_lse, g_tgt, g_sum, g_mu, *,
             and (n + vocab) * d * e.element_size() >= SMALL_GRAD_BYTES):
         # The dC workspace's closing permutation, planned (~25 small launches) before the host sync below,
         # while the GPU is still busy with the forward; dropped if the plan below does not host dC.
-        moves = plan_row_moves(perm, sorted_rows(n) * cols_per_slab * (1 if tma else 2) // d)
+        moves = plan_row_moves(perm, _through_rows(sorted_rows(n), cols_per_slab, d, tma))
     if filtered:
         depth = row_depths(slab_lse, lse, g_lse, g_tgt, slab_targets, cols_per_slab, filter_eps)
         # One host sync for the whole plan: how many rows reach each slab.
