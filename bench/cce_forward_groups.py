@@ -78,6 +78,25 @@ def programs(e, c, table, slab_bytes) -> int:
     return -1  # split count chosen inside forward_stats (tma_splits)
 
 
+def training_peaks(e, c, targets, table_of, slab_bytes) -> dict:
+    """MiB the training forward allocates at its peak beyond its inputs, per variant: the sorted order, the
+    table and the forward's statistics, made afresh as autograd makes them (the benchmark's forward extra
+    memory also counts autograd's own small buffers)."""
+    n, v = e.shape[0], c.shape[0]
+    peaks = {}
+    for key, (make, sorted_order) in table_of.items():
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        perm = order.vocab_order(e, c, None, gemm_impl.slab_columns(n, v, slab_bytes)) if sorted_order else None
+        table = make() if make is not None else None
+        stats = gemm_impl.forward_stats(e, c, None, targets, perm=perm, slab_lse=table, slab_bytes=slab_bytes)
+        torch.cuda.synchronize()
+        peaks[key] = (torch.cuda.max_memory_allocated() - base) / 2**20
+        del perm, table, stats
+    return peaks
+
+
 def run_shape(name, n, d, v, groups, rounds, device, slab_bytes=None):
     e, c, targets = inputs(n, d, v, device)
     perm = order.vocab_order(e, c, None, gemm_impl.slab_columns(n, v, slab_bytes))
@@ -99,6 +118,7 @@ def run_shape(name, n, d, v, groups, rounds, device, slab_bytes=None):
             else:
                 r["fn"]()
     exact = tables["f32"]
+    peaks = training_peaks(e, c, targets, table_of, slab_bytes) if device == "cuda" else {}
     rows = []
     for key, r in results.items():
         row = dict(shape=name, variant=key, programs=r["programs"], table_bytes=r["table_bytes"],
@@ -106,6 +126,8 @@ def run_shape(name, n, d, v, groups, rounds, device, slab_bytes=None):
         if r["ms"]:
             row["ms"] = statistics.median(r["ms"])
             row["ms_min"], row["ms_max"] = min(r["ms"]), max(r["ms"])
+        if key in peaks:
+            row["training_forward_peak_mib"] = peaks[key]
         if isinstance(tables[key], gemm_impl.SlabTable):
             # a bound below the exact slab log-sum-exp would let the backward drop mass it must keep
             row["bound_min_margin"] = float((tables[key].bounds() - exact).min())
