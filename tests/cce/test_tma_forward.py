@@ -193,12 +193,13 @@ def test_forward_without_autograd_does_not_sort_for_filtering(monkeypatch, impl)
 
 @pytest.mark.parametrize("tma", ["1", "0"])
 @pytest.mark.parametrize("group", [1, 2, 3])
-def test_compact_table_bounds_every_slab_from_above_within_its_code_step(monkeypatch, tma, group):
+@pytest.mark.parametrize("cols", [16, 40])
+def test_compact_table_bounds_every_slab_from_above_within_its_code_step(monkeypatch, tma, group, cols):
     # Both forwards fill a SlabTable: the grouped Hopper kernel (codes written in its epilogue) and cuBLAS
     # slabs (the float32 table encoded). Statistics are those of the float32 table's forward, and each decoded
     # bound lies above the float64 slab log-sum-exp by at most one code step plus how much the group's
-    # log-sum-exp grew after that slab.
-    cols = 16
+    # log-sum-exp grew after that slab. 40 columns: slabs of several tiles whose last tile is partial (the
+    # interpreter's tiles are 16 wide), and a last slab of 21 columns.
     e, c, t, b = make_inputs(torch.bfloat16, ignore_frac=0.2, with_bias=True, scale=3.0)
     e, c, b = e.detach(), c.detach(), b.detach()
     monkeypatch.setenv("LMFORGE_CCE_SLAB_MB", str(cols * N * 4 / 2**20))

@@ -122,7 +122,7 @@ def lse_tma_kernel(
             # At a slab's last tile: merge the slab into the group's running statistics (ms is finite, the
             # slab has columns) and store its code, the slab's mass below the group's so far in 1 / CODE_SCALE
             # nats, rounded down and capped at 255. Decoded against the whole group's log-sum-exp (never
-            # smaller) it bounds the slab's from above. Selects, not a branch: 128-row vectors, once per tile.
+            # smaller) it bounds the slab's from above.
             if (tile == tiles_per_slab - 1) | (t == n_tiles - 1):
                 m_new = tl.maximum(m, ms)
                 old, new = tl.exp(m - m_new), tl.exp(ms - m_new)
