@@ -24,7 +24,9 @@ from triton.compiler import ASTSource
 from lmforge.cce import configs
 
 INSTRUCTIONS = {"HGMMA": r"\bHGMMA\b", "HMMA": r"\bHMMA\b", "LDGSTS": r"\bLDGSTS\b", "UTMALDG": r"\bUTMALDG\b",
-                "LDG": r"\bLDG\b", "STS": r"\bSTS\b"}
+                "LDG": r"\bLDG\b", "STS": r"\bSTS\b",
+                # register spills: stores to and loads from thread-local memory
+                "STL": r"\bSTL\b", "LDL": r"\bLDL\b"}
 
 
 def compile_for(kernel, args: dict, constexprs: dict, *, arch: int = 90, num_warps: int = 4, num_stages: int = 3):

@@ -102,7 +102,10 @@ def lse_tma_kernel(
     if GROUPED:
         # One loop over the group's tiles, slab after slab (a slab's last tile may be partial), so the group
         # is one software pipeline: a slab loop nested around the tile loop cost 1.4-1.9 ms at Gemma 2's shape
-        # (H100: 17.1-17.7 ms against 15.8 for one slab per program; bench/cce_forward_groups.py).
+        # (H100: 17.1-17.7 ms against 15.8 for one slab per program; bench/cce_forward_groups.py), where
+        # the kernel compiled by Triton 3.6 for sm_90 spilled to local memory (52 STL; 3 now, 0 ungrouped: the
+        # counts of `python -m lmforge.cce.sass`).
+        # The slab's end is handled by selects, not a branch: Triton 3.6 fails to compile an `if` here.
         tiles_per_slab = tl.cdiv(cols_per_slab, BLOCK_V)
         last_slab = tl.minimum(first_slab + slabs_per_group, tl.cdiv(V, cols_per_slab)) - 1
         n_tiles = (last_slab - first_slab) * tiles_per_slab \
@@ -122,19 +125,21 @@ def lse_tma_kernel(
             # At a slab's last tile: merge the slab into the group's running statistics (ms is finite, the
             # slab has columns) and store its code, the slab's mass below the group's so far in 1 / CODE_SCALE
             # nats, rounded down and capped at 255. Decoded against the whole group's log-sum-exp (never
-            # smaller) it bounds the slab's from above.
-            if (tile == tiles_per_slab - 1) | (t == n_tiles - 1):
-                m_new = tl.maximum(m, ms)
-                old, new = tl.exp(m - m_new), tl.exp(ms - m_new)
-                s = s * old + ss * new
-                w = w * old + ws * new
-                gap = (m_new + tl.log(s)) - (ms + tl.log(tl.maximum(ss, 1.0)))
-                code = tl.minimum(tl.floor(tl.maximum(gap, 0.0) * CODE_SCALE), 255.0)
-                tl.store(Codes + (first_slab + j) * N + rows, code.to(tl.uint8), mask=row_ok)
-                m = m_new
-                ms = tl.full((BLOCK_N,), float("-inf"), tl.float32)
-                ss = tl.zeros((BLOCK_N,), tl.float32)
-                ws = tl.zeros((BLOCK_N,), tl.float32)
+            # smaller) it bounds the slab's from above. 128-row vectors, computed at every tile.
+            at = tl.zeros_like(rows) + t  # as a row vector: the interpreter's masks must be vectors
+            slab_done = (at - j * tiles_per_slab == tiles_per_slab - 1) | (at == n_tiles - 1)
+            m_new = tl.maximum(m, ms)
+            old, new = tl.exp(m - m_new), tl.exp(ms - m_new)
+            s_new = s * old + ss * new
+            gap = (m_new + tl.log(s_new)) - (ms + tl.log(tl.maximum(ss, 1.0)))
+            code = tl.minimum(tl.floor(tl.maximum(gap, 0.0) * CODE_SCALE), 255.0)
+            tl.store(Codes + (first_slab + j) * N + rows, code.to(tl.uint8), mask=row_ok & slab_done)
+            w = tl.where(slab_done, w * old + ws * new, w)
+            s = tl.where(slab_done, s_new, s)
+            m = tl.where(slab_done, m_new, m)
+            ms = tl.where(slab_done, float("-inf"), ms)
+            ss = tl.where(slab_done, 0.0, ss)
+            ws = tl.where(slab_done, 0.0, ws)
     else:
         for v0 in tl.range(v_begin, v_end, BLOCK_V, flatten=FLATTEN):
             acc, pos, col_ok = _tile_logits(
