@@ -20,6 +20,10 @@ over the GPU; with the GEMM path's slabs (the filtered backward's sorted order) 
 (n_slabs, SUB, N) gives each row's log-sum-exp per slab, the table :func:`lmforge.cce.gemm_impl.row_depths`
 reads.
 
+Grouped (``GROUPED``; the training forward's :class:`lmforge.cce.gemm_impl.SlabTable`). Program axis 1 runs
+over groups of ``slabs_per_group`` slabs; a program walks its group's tiles in one loop, stores a byte per
+(slab, row) as each slab ends and the group's log-sum-exp as its partial.
+
 Sorted order (``GATHER``). TMA on sm_90 cannot gather rows, so in the sorted order C's tiles are read
 through the permutation by pointer loads (cp.async); E keeps its descriptor. This costs about 20% against
 the contiguous order (16.3 vs 13.3 ms at Gemma's shape) but needs no gathered copy of the classifier.
