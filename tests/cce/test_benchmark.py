@@ -202,3 +202,20 @@ def test_ab_script_alternates_trees_and_summarises_each(tmp_path, monkeypatch):
     with pytest.raises(SystemExit):  # a tree without the benchmark script
         monkeypatch.setattr("sys.argv", ["cce_ab.py", "--tree", f"z={tmp_path}"])
         ab.main()
+
+
+def test_forward_groups_probe_matches_the_float32_table(monkeypatch):
+    # bench/cce_forward_groups.py on the CPU: every grouped table gives the float32 table's log-sum-exps and
+    # decodes to bounds that never fall below its exact slab log-sum-exps; the grid sizes are the kernel's.
+    from tests.conftest import load_bench_script
+
+    monkeypatch.setenv("LMFORGE_CCE_TMA", "1")
+    rows = {r["variant"]: r for r in load_bench_script("cce_forward_groups").selftest()}
+    assert set(rows) == {"eval", "f32", "g2", "g1"}
+    for name in ("eval", "g2", "g1"):
+        assert rows[name]["lse_max_diff"] <= 1e-5
+    for name in ("g2", "g1"):
+        assert rows[name]["bound_min_margin"] >= -1e-5
+    blocks = rows["g1"]["programs"] // 3  # 3 slabs, one per group
+    assert rows["g2"]["programs"] == 2 * blocks  # groups of 2 slabs: 2 groups
+    assert rows["f32"]["table_bytes"] == 3 * 64 * 4 and rows["g2"]["table_bytes"] == 2 * 64 * 4 + 3 * 64
