@@ -82,4 +82,9 @@ def test_positions_find_each_target_in_the_permutation():
     valid = (targets >= 0) & (targets < v)
     expected = torch.where(valid, inverse[targets.clamp(0, v - 1)], -1)
     assert pos.dtype == torch.int64 and torch.equal(pos, expected)
+    # int32 targets give the same positions and are left as they were (the lookup works on a copy)
+    targets32 = targets.to(torch.int32).to(DEVICE)
+    before = targets32.clone()
+    assert torch.equal(order.positions(perm.to(DEVICE), targets32, v).cpu(), expected)
+    assert torch.equal(targets32, before)
     assert order.positions(perm.to(DEVICE), targets[:0].to(DEVICE), v).numel() == 0
