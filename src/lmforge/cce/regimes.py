@@ -21,10 +21,11 @@ import hashlib
 import json
 import math
 import os
-import uuid
 from pathlib import Path
 
 import torch
+
+from lmforge.files import write_atomic
 
 THRESHOLD = 2.0 ** -12
 
@@ -302,9 +303,6 @@ def _cached_calibrated(cache_dir: Path, n, d, v, *, dtype, device: torch.device,
         loaded = load_file(str(path), device=str(device))
         return loaded["e"], loaded["c"], loaded["targets"]
     e, c, targets = calibrated_inputs(n, d, v, dtype=dtype, device=device, seed=seed)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    save_file({"e": e.contiguous().cpu(), "c": c.contiguous().cpu(), "targets": targets.contiguous().cpu()},
-              str(temporary))
-    os.replace(temporary, path)
+    tensors = {"e": e.contiguous().cpu(), "c": c.contiguous().cpu(), "targets": targets.contiguous().cpu()}
+    write_atomic(path, lambda temporary: save_file(tensors, str(temporary)))
     return e, c, targets
