@@ -124,12 +124,14 @@ def test_profile_syncs_counts_each_synchronising_line_and_restores_the_mode(monk
         for _ in range(2):
             warnings.warn("called a synchronizing CUDA operation")  # the same line twice
         warnings.warn("an unrelated deprecation")
+        warnings.warn("Synchronization debug mode is a prototype feature and does not yet detect all "
+                      "synchronizing operations")  # torch's notice when the mode is set: no sync
         warnings.warn("called a synchronizing CUDA operation")
 
     found = profile_script.synchronising_calls(step)
     assert modes == ["warn", "default"]
     assert sorted(found.values()) == [1, 2] and all("test_benchmark.py:" in k for k in found)
-    assert not any("unrelated" in k for k in found)
+    assert not any("unrelated" in k for k in found) and not any("prototype" in k for k in found)
 
     def failing():
         raise RuntimeError("boom")
