@@ -157,14 +157,17 @@ def traced_steps(step, repeats: int = 5) -> list[dict]:
     return rows
 
 
-def step_timeline(events: list[dict], marker: str) -> list[dict]:
+def step_timeline(events: list[dict], marker: str, gaps: int = 4) -> list[dict]:
     """Per host-side ``marker`` span of a chrome trace: when its first and its longest GPU kernel started
     after the span began (ms: GPU idle that host enqueueing explains), the longest kernel's duration (a kernel
     slower than when measured alone points at clocks), the GPU span from first kernel start to last end and
-    the kernels' summed durations (span minus sum: the GPU idle between kernels, e.g. waiting for launches)."""
+    the kernels' summed durations (span minus sum: the GPU idle between kernels, e.g. waiting for launches),
+    and ``idle_gaps``: the ``gaps`` longest stretches (>= 0.05 ms) with no kernel running, each with where it
+    starts in the span, the kernels on either side and the host-side op that launched the one after it."""
     spans = sorted((e for e in events if e.get("ph") == "X" and e.get("name") == marker
                     and e.get("cat") == "user_annotation"), key=lambda e: e["ts"])
     kernels = sorted((e for e in events if e.get("ph") == "X" and e.get("cat") == "kernel"), key=lambda e: e["ts"])
+    launcher = _launchers(events)
     rows = []
     for i, span in enumerate(spans):
         t0 = span["ts"]
@@ -177,8 +180,46 @@ def step_timeline(events: list[dict], marker: str) -> list[dict]:
                          main_kernel=main["name"][:60], main_start_after_ms=round((main["ts"] - t0) / 1e3, 3),
                          main_ms=round(main["dur"] / 1e3, 3), kernels=len(mine),
                          kernel_ms=round(sum(k["dur"] for k in mine) / 1e3, 3),
-                         gpu_span_ms=round((max(k["ts"] + k["dur"] for k in mine) - mine[0]["ts"]) / 1e3, 3)))
+                         gpu_span_ms=round((max(k["ts"] + k["dur"] for k in mine) - mine[0]["ts"]) / 1e3, 3),
+                         idle_gaps=_idle_gaps(mine, t0, launcher, gaps)))
     return rows
+
+
+def _launchers(events: list[dict]) -> dict:
+    """Kernel correlation id -> name of the innermost host op (an aten op or a ``record_function`` range, same
+    thread) open when the runtime or driver call that launched it was made (a Triton launch outside any aten
+    op names the enclosing range): one sweep per thread with a stack of the open ops."""
+    launches = ("cuda_runtime", "cuda_driver")
+    per_thread: dict = {}
+    for e in events:
+        if e.get("ph") == "X" and e.get("cat") in ("cpu_op", "user_annotation", *launches):
+            per_thread.setdefault(e.get("tid"), []).append(e)
+    out = {}
+    for mine in per_thread.values():
+        # by start; at equal starts the longer (outer) op first, an op before a runtime call it encloses
+        mine.sort(key=lambda e: (e["ts"], -e["dur"], e["cat"] in launches))
+        stack = []
+        for e in mine:
+            while stack and stack[-1]["ts"] + stack[-1]["dur"] < e["ts"]:
+                stack.pop()
+            if e["cat"] not in launches:
+                stack.append(e)
+            elif stack and e.get("args", {}).get("correlation") is not None:
+                out[e["args"]["correlation"]] = stack[-1]["name"]
+    return out
+
+
+def _idle_gaps(kernels: list[dict], t0: float, launcher: dict, gaps: int) -> list[dict]:
+    """The longest stretches between ``kernels`` (sorted by start) in which none runs."""
+    found, busy_until, last = [], kernels[0]["ts"] + kernels[0]["dur"], kernels[0]
+    for k in kernels[1:]:
+        if k["ts"] - busy_until >= 50:  # microseconds
+            found.append(dict(ms=round((k["ts"] - busy_until) / 1e3, 3), at_ms=round((busy_until - t0) / 1e3, 3),
+                              after=last["name"][:40], before=k["name"][:40],
+                              launched_by=launcher.get(k.get("args", {}).get("correlation"), "?")))
+        if k["ts"] + k["dur"] > busy_until:
+            busy_until, last = k["ts"] + k["dur"], k
+    return sorted(found, key=lambda g: -g["ms"])[:gaps]
 
 
 def memory_probe(n=8192, d=2304, v=256000):

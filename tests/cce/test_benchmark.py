@@ -175,9 +175,43 @@ def test_profile_step_timeline_splits_gpu_idle_from_kernel_time():
         kernel("other_process_step", 60000, 3),  # after the last span: belongs to it, but it is not the longest
     ]
     first, second = profile_script.step_timeline(events, "traced_step")
+    gaps = first.pop("idle_gaps")
     assert first == dict(first_kernel_after_ms=0.1, main_kernel="lse_tma_kernel", main_start_after_ms=1.4,
                          main_ms=15.5, kernels=3, kernel_ms=15.507, gpu_span_ms=16.815)
+    # the GPU waits 1.298 ms for the main kernel (1102 -> 2400 us) and 0.01 ms for "sum" (below the cut)
+    assert gaps == [dict(ms=1.298, at_ms=0.102, after="fill", before="lse_tma_kernel", launched_by="?")]
     assert second["main_start_after_ms"] == 0.02 and second["main_ms"] == 16.9 and second["kernels"] == 3
+    assert second["idle_gaps"] == [dict(ms=13.08, at_ms=16.92, after="lse_tma_kernel", before="other_process_step",
+                                        launched_by="?")]
+
+
+def test_profile_idle_gaps_name_the_host_op_that_launched_the_next_kernel():
+    # Gaps are measured from the end of everything before (an overlapping kernel extends the busy time), and
+    # each names the innermost host range or aten op, on the launching thread, around the launch call.
+    from tests.conftest import load_bench_script
+
+    profile_script = load_bench_script("cce_profile")
+
+    def x(cat, name, ts, dur, tid=1, **args):
+        return dict(ph="X", cat=cat, name=name, ts=ts, dur=dur, tid=tid, args=args)
+
+    events = [
+        x("user_annotation", "traced_step", 0, 5000),
+        x("cpu_op", "aten::bincount", 100, 200), x("cuda_runtime", "cudaLaunchKernel", 150, 5, correlation=1),
+        x("cpu_op", "aten::argsort", 900, 300), x("cpu_op", "aten::sort", 950, 200),
+        x("cuda_runtime", "cudaLaunchKernel", 1000, 5, correlation=2),
+        x("cuda_driver", "cuLaunchKernelEx", 2000, 5, correlation=3),  # a Triton launch: no aten op around it
+        x("cpu_op", "aten::mm", 2500, 100, tid=2), x("cuda_runtime", "cudaLaunchKernel", 2550, 5, tid=2, correlation=4),
+        x("kernel", "bincount_k", 200, 100, correlation=1), x("kernel", "long_k", 250, 700, correlation=99),
+        x("kernel", "sort_k", 1100, 50, correlation=2), x("kernel", "triton_k", 2100, 300, correlation=3),
+        x("kernel", "gemm_k", 2700, 1000, correlation=4),
+    ]
+    assert profile_script._launchers(events) == {1: "aten::bincount", 2: "aten::sort", 3: "traced_step",
+                                                 4: "aten::mm"}
+    (row,) = profile_script.step_timeline(events, "traced_step", gaps=2)
+    assert row["idle_gaps"] == [
+        dict(ms=0.95, at_ms=1.15, after="sort_k", before="triton_k", launched_by="traced_step"),
+        dict(ms=0.3, at_ms=2.4, after="triton_k", before="gemm_k", launched_by="aten::mm")]
 
 
 def test_ab_script_alternates_trees_and_summarises_each(tmp_path, monkeypatch):
