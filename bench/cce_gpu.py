@@ -28,12 +28,14 @@ def main():
                         help="file from bench/cce_real_data.py (real regime, SmolLM2 shape)")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="time every impl this many times, the order reversed every other round (medians)")
     parser.add_argument("--run-dir", default="runs/bench-cce-gpu")
     parser.add_argument("--out", help="also copy results.json here")
     args = parser.parse_args()
     regimes = [r for r in args.regimes if r != "real" or Path(args.real_path).is_file()]
     config = CCEBenchConfig(shapes=args.shapes, impls=tuple(args.impls), repeats=args.repeats,
-                            warmup=args.warmup, out_dir=args.run_dir, regimes=tuple(regimes),
+                            warmup=args.warmup, rounds=args.rounds, out_dir=args.run_dir, regimes=tuple(regimes),
                             real_path=args.real_path)
     result = run_benchmark(config)
     print(markdown_table(result))

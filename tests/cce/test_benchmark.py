@@ -83,6 +83,43 @@ def test_an_implementations_environment_holds_during_its_measurement_only(monkey
     assert [r["impl"] for r in rows] == list(impls)
 
 
+def test_timing_rounds_alternate_the_order_and_report_medians(monkeypatch, tmp_path):
+    # rounds=3: every impl is measured once in full, then timed twice more, the second pass in reverse order
+    # (B A) and the third in order (A B); its times are the medians of its three rounds, each round kept.
+    import lmforge.cce.benchmark as bench
+
+    calls = []
+    scripted = {"lmforge": iter([(1.0, 10.0), (3.0, 30.0), (2.0, 20.0)]),
+                "torch": iter([(5.0, 50.0), (4.0, 70.0), (6.0, 60.0)])}
+    fns = {}
+
+    def fake_timings(loss_fn, e, c, t, *, warmup, repeats):
+        impl = fns[loss_fn]
+        calls.append((impl, os.environ.get("LMFORGE_CCE_DC_WORKSPACE")))
+        return next(scripted[impl])
+
+    real_loss_function = bench.loss_function
+
+    def tagged(impl):
+        fn = real_loss_function(impl)
+        fns[fn] = "lmforge" if impl.startswith("lmforge") else impl
+        return fn
+
+    monkeypatch.setattr(bench, "_timings", fake_timings)
+    monkeypatch.setattr(bench, "loss_function", tagged)
+    config = CCEBenchConfig(shapes=["16x8x40"], regimes=("random",), impls=("lmforge", "torch"), warmup=0,
+                            repeats=1, rounds=3, out_dir=str(tmp_path))
+    result = run_benchmark(config, progress=False)
+    assert [impl for impl, _ in calls] == ["lmforge", "torch", "torch", "lmforge", "lmforge", "torch"]
+    rows = {r["impl"]: r for r in result["rows"]}
+    assert rows["lmforge"]["fwd_ms_rounds"] == [1.0, 3.0, 2.0] and rows["lmforge"]["fwd_ms"] == 2.0
+    assert rows["lmforge"]["fwd_bwd_ms"] == 20.0
+    assert rows["torch"]["fwd_bwd_ms_rounds"] == [50.0, 70.0, 60.0] and rows["torch"]["fwd_bwd_ms"] == 60.0
+    assert rows["torch"]["fwd_ms"] == 5.0 and "rounds" in result["phase_seconds"]["16x8x40/random"]
+    # the real measurement (errors, memory) still ran once per impl
+    assert all(r["de_err"] < 1e-4 for r in rows.values())
+
+
 def test_compare_flag_runs_every_implementation_and_regime(monkeypatch, tmp_path):
     from lmforge import cli
     from lmforge.cce import benchmark

@@ -52,6 +52,10 @@ class CCEBenchConfig:
     device: str = "auto"
     warmup: int = 2
     repeats: int = 5
+    # Timing rounds: after every impl's full measurement, rounds - 1 more passes time each impl again, the
+    # order reversed every other pass, so a drift of the GPU's clocks over the call touches every impl alike;
+    # fwd_ms / fwd_bwd_ms are then the medians of the rounds' medians (each round's in *_rounds).
+    rounds: int = 1
     seed: int = 0
     out_dir: str | None = None  # run folder; None = runs/bench-cce/<timestamp>
 
@@ -267,7 +271,8 @@ def _time_ms(fn, device, warmup, repeats, busy_cycles: int = 0):
     return statistics.median(times)
 
 
-def measure(name, loss_fn, e, c, t, ref, *, warmup, repeats):
+def _timings(loss_fn, e, c, t, *, warmup, repeats) -> tuple[float, float]:
+    """(forward ms without autograd, forward+backward ms) of ``loss_fn`` on leaf copies of e and c."""
     device = e.device
     e = e.detach().requires_grad_()
     c = c.detach().requires_grad_()
@@ -281,8 +286,18 @@ def measure(name, loss_fn, e, c, t, ref, *, warmup, repeats):
 
     with torch.no_grad():
         fwd_ms = _time_ms(forward, device, warmup, repeats)
-    fwd_bwd_ms = _time_ms(forward_backward, device, warmup, repeats)
-    e.grad = c.grad = None
+    return fwd_ms, _time_ms(forward_backward, device, warmup, repeats)
+
+
+def measure(name, loss_fn, e, c, t, ref, *, warmup, repeats):
+    device = e.device
+    fwd_ms, fwd_bwd_ms = _timings(loss_fn, e, c, t, warmup=warmup, repeats=repeats)
+    e = e.detach().requires_grad_()
+    c = c.detach().requires_grad_()
+
+    def forward():
+        return loss_fn(e, c, t)
+
     with _Memory(device) as mem_fwd:
         loss = forward()  # autograd on: what training keeps alive after the forward counts
     del loss
@@ -355,12 +370,14 @@ def run_benchmark(config: CCEBenchConfig, progress: bool = True) -> dict:
             stats[f"{name}/{regime}"] = regime_stats(e, c, t)
             clock.lap("regime_stats")
         bar.update()
+        timed = {}  # impl -> (its loss function, its result row): what the extra rounds time again
         for impl in config.impls:
             bar.set_postfix_str(f"{name}/{regime}: {impl}")
             try:
                 with _environment(IMPL_ENV.get(impl, {})):
-                    row = measure(impl, loss_function(impl), e, c, t, ref,
-                                  warmup=config.warmup, repeats=config.repeats)
+                    fn = loss_function(impl)
+                    row = measure(impl, fn, e, c, t, ref, warmup=config.warmup, repeats=config.repeats)
+                timed[impl] = fn
             except Exception as err:  # a peer that fails on this shape/device is reported, not fatal
                 if impl in IMPLEMENTATIONS:
                     raise
@@ -368,8 +385,14 @@ def run_benchmark(config: CCEBenchConfig, progress: bool = True) -> dict:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             rows.append(dict(shape=name, regime=regime, n=n, d=d, v=v, **row))
+            if impl in timed:
+                timed[impl] = (timed[impl], rows[-1])
             clock.lap(impl)
             bar.update()
+        if config.rounds > 1 and timed:
+            bar.set_postfix_str(f"{name}/{regime}: {config.rounds - 1} more timing rounds")
+            _time_rounds(timed, e, c, t, config)
+            clock.lap("rounds")
         del e, c, t, ref
         seconds[f"{name}/{regime}"] = clock.laps
     bar.close()
@@ -380,6 +403,25 @@ def run_benchmark(config: CCEBenchConfig, progress: bool = True) -> dict:
     write_text_atomic(out_dir / "results.md", markdown_table(result))
     result["out_dir"] = str(out_dir)
     return result
+
+
+def _time_rounds(timed: dict, e, c, t, config: CCEBenchConfig):
+    """Time every impl of ``timed`` (impl -> (loss function, row)) config.rounds - 1 more times, the order
+    reversed every other round; each row's fwd_ms / fwd_bwd_ms become the medians over all its rounds."""
+    per_round = {impl: ([row["fwd_ms"]], [row["fwd_bwd_ms"]]) for impl, (_, row) in timed.items()}
+    names = list(timed)
+    for r in range(1, config.rounds):
+        for impl in (names[::-1] if r % 2 else names):
+            with _environment(IMPL_ENV.get(impl, {})):
+                fwd, fwd_bwd = _timings(timed[impl][0], e, c, t, warmup=config.warmup, repeats=config.repeats)
+            per_round[impl][0].append(fwd)
+            per_round[impl][1].append(fwd_bwd)
+            if e.is_cuda:
+                torch.cuda.empty_cache()
+    for impl, (_, row) in timed.items():
+        fwds, fwd_bwds = per_round[impl]
+        row.update(fwd_ms=statistics.median(fwds), fwd_bwd_ms=statistics.median(fwd_bwds),
+                   fwd_ms_rounds=fwds, fwd_bwd_ms_rounds=fwd_bwds)
 
 
 def _device_name(device: torch.device) -> str:
