@@ -52,11 +52,13 @@ def test_benchmark_rows_errors_and_regime_statistics(tmp_path):
         assert f"| {impl} |" in table
 
 
-def test_benchmark_rejects_unknown_impls_and_dtypes(tmp_path):
+def test_benchmark_rejects_unknown_impls_dtypes_and_counts(tmp_path):
     with pytest.raises(ValueError, match="impls must be among"):
         run_benchmark(CCEBenchConfig(shapes=["8x8x16"], impls=("nope",), out_dir=str(tmp_path)), progress=False)
     with pytest.raises(ValueError, match="dtype must be"):
         run_benchmark(CCEBenchConfig(shapes=["8x8x16"], dtype="int8", out_dir=str(tmp_path)), progress=False)
+    with pytest.raises(ValueError, match="rounds and repeats must be >= 1"):
+        run_benchmark(CCEBenchConfig(shapes=["8x8x16"], rounds=0, out_dir=str(tmp_path)), progress=False)
 
 
 def test_an_implementations_environment_holds_during_its_measurement_only(monkeypatch, tmp_path):

@@ -344,6 +344,8 @@ def run_benchmark(config: CCEBenchConfig, progress: bool = True) -> dict:
              "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(config.dtype)
     if dtype is None:
         raise ValueError(f"dtype must be auto, bfloat16, float16 or float32, got {config.dtype!r}")
+    if config.rounds < 1 or config.repeats < 1:
+        raise ValueError(f"rounds and repeats must be >= 1, got rounds={config.rounds}, repeats={config.repeats}")
     unknown = [i for i in config.impls if i not in IMPLEMENTATIONS and i not in PEERS]
     if unknown:
         raise ValueError(f"impls must be among {sorted(IMPLEMENTATIONS) + sorted(PEERS)}, got {unknown}")
