@@ -74,7 +74,7 @@ def binned_lse_kernel(
     # BUCKETS): 2 * BUCKETS / D of the tile's main product (5.6% at Gemma's D = 2304 with 64 bins). Bins are
     # rescaled with the running max like the sum.
     pid_s = tl.program_id(1)
-    row0, rows, row_ok, targets = row_block(Targets, N, BLOCK_N)
+    row0, rows, row_ok, targets = row_block(Targets, N, tl.program_id(0), BLOCK_N)
     m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     s = tl.zeros((BLOCK_N,), tl.float32)
     tgt = tl.zeros((BLOCK_N,), tl.float32)

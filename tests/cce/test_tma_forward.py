@@ -230,6 +230,39 @@ def test_compact_table_bounds_every_slab_from_above_within_its_code_step(monkeyp
     assert int((table.codes.int() - encoded.codes.int()).abs().max()) <= 1
 
 
+@pytest.mark.parametrize("table", ["none", "grouped"])
+def test_banded_launch_order_gives_the_row_major_results(monkeypatch, table):
+    # lse_tma_kernel's banded launch order (BAND > 0) only renumbers the programs: each (row block, part)
+    # must still run exactly once. Bands of 2 row blocks over N = 37 rows (3 blocks of 16 in the interpreter:
+    # one full band and a partial one), against the row-major order, bit for bit, and float64.
+    e, c, t, b = make_inputs(torch.bfloat16, ignore_frac=0.2, with_bias=True, scale=3.0)
+    e, c, b = e.detach(), c.detach(), b.detach()
+    monkeypatch.setenv("LMFORGE_CCE_TMA", "1")
+    monkeypatch.setenv("LMFORGE_CCE_SLAB_MB", str(16 * N * 4 / 2**20))
+    perm = torch.randperm(V, generator=torch.Generator().manual_seed(7)).to(DEVICE, torch.int32)
+    n_slab, seen = gemm_impl.n_slabs(N, V), []
+    results = {}
+    for band in (0, 2):
+        monkeypatch.setattr(gemm_impl, "launch_band", lambda n_parts, band=band: seen.append(n_parts) or band)
+        if table == "grouped":
+            tab = gemm_impl.SlabTable(torch.full((-(-n_slab // 2), N), float("nan"), device=DEVICE),
+                                      torch.zeros((n_slab, N), dtype=torch.uint8, device=DEVICE), 2)
+            stats = gemm_impl.forward_stats(e, c, b, t, softcap=3.0, perm=perm, slab_lse=tab)
+            results[band] = (*stats, tab.lse, tab.codes)
+        else:
+            results[band] = gemm_impl.forward_stats(e, c, b, t, softcap=3.0, need_sum=True, need_mu=True)
+    assert min(seen) >= 3  # several parts: the bands hold more than one program per row block
+    for banded, row_major in zip(results[2], results[0]):
+        assert torch.equal(banded, row_major)
+    ref = float64_stats(e.cpu(), c.cpu(), b.cpu(), t.cpu(), 3.0, None, V)
+    torch.testing.assert_close(results[2][0].double().cpu(), ref[0], rtol=1e-5, atol=1e-5)
+
+
+def test_launch_band_where_measured_faster():
+    assert gemm_impl.launch_band(10) == gemm_impl.launch_band(4) == gemm_impl.BAND_ROWS == 16
+    assert gemm_impl.launch_band(3) == gemm_impl.launch_band(1) == 0
+
+
 @pytest.mark.parametrize("n,n_slab,sms,block_n,want", [(8192, 63, 132, 128, 16), (8192, 32, 132, 128, 8),
                                                        (8192, 38, 132, 128, 10), (8192, 63, 4, 128, 63),
                                                        (256, 10, 132, 128, 1)])

@@ -627,6 +627,17 @@ def tma_splits(n_blocks: int, n_slab: int, slab_tiles: int, sms: int, block_v: i
     return sub, per * block_v
 
 
+BAND_ROWS = 16  # row blocks per band of lse_tma_kernel's banded launch order
+
+
+def launch_band(n_parts: int) -> int:
+    """Row blocks per band of :func:`lse_tma_kernel`'s launch order for a grid of row blocks x ``n_parts``
+    (0: row-major). Banded where measured faster (H100, 2026-12-07, `bench/cce_forward_groups.py`, in two
+    rounds): 10 splits (the eval forward) and 4 groups (the shipped tables at Gemma 2 and Qwen 2.5), 0.1-0.6
+    ms each; not with 3 groups, where Qwen's forward took 20.6 ms banded against 16.9."""
+    return BAND_ROWS if n_parts >= 4 else 0
+
+
 def _forward_stats_tma(e, c, slab_bias, slab_targets, *, softcap, need_sum, need_mu, cols_per_slab, perm,
                        slab_lse):
     """:func:`forward_stats` through :func:`lse_tma_kernel`: no logit slab, (splits x N) partials; with a
@@ -664,7 +675,7 @@ def _forward_stats_tma(e, c, slab_bias, slab_targets, *, softcap, need_sum, need
         D=d, SUB=sub, GROUPED=grouped, CODE_SCALE=CODE_SCALE, HAS_BIAS=slab_bias is not None,
         HAS_SOFTCAP=softcap is not None, GATHER=perm is not None, NEED_SUM=need_sum, NEED_MU=need_mu,
         UPCAST=interpreting(), BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BLOCK_D"],
-        FLATTEN=True, **launch,
+        FLATTEN=True, BAND=launch_band(n_parts), **launch,
     )
     if slab_lse is not None and not grouped and sub > 1:
         torch.logsumexp(l_part.view(n_slab, sub, n), dim=1, out=slab_lse)

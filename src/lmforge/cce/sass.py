@@ -139,7 +139,7 @@ def _tma_forward(n: int, d: int, v: int, arch: int, shared_limit: int, gather: b
                 stride_cv=("i32", d), softcap=("fp32", 1.0))
     # The sorted order runs grouped (the filtered backward's compact table), the vocabulary order in splits.
     consts = dict(D=d, SUB=1 if gather else 9, GROUPED=gather, CODE_SCALE=16, HAS_BIAS=False, HAS_SOFTCAP=False,
-                  GATHER=gather, NEED_SUM=False, NEED_MU=False, UPCAST=False, FLATTEN=True,
+                  GATHER=gather, NEED_SUM=False, NEED_MU=False, UPCAST=False, FLATTEN=True, BAND=16,
                   **{k: cfg[k] for k in ("BLOCK_N", "BLOCK_V", "BLOCK_D")})
     return lse_tma_kernel, args, consts, cfg["num_warps"], cfg["num_stages"], cfg
 

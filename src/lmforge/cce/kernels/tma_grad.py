@@ -32,7 +32,7 @@ def logit_grad_tma_kernel(
     UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     FLATTEN: tl.constexpr,
 ):
-    row0, rows, row_ok, targets = row_block(Targets, N, BLOCK_N)
+    row0, rows, row_ok, targets = row_block(Targets, N, tl.program_id(0), BLOCK_N)
     lse, mu, g_lse, g_tgt, g_sum, g_mu = row_grad_inputs(rows, row_ok, Lse, Mu, G_lse, G_tgt, G_sum, G_mu,
                                                          HAS_G_LSE, HAS_G_TGT, HAS_G_SUM, HAS_G_MU)
     v_begin = tl.program_id(1) * v_per_split
