@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import torch  # noqa: E402
 
-from lmforge.cce import configs, gemm_impl, order  # noqa: E402
+from lmforge.cce import gemm_impl, order  # noqa: E402
 from lmforge.cce.benchmark import GPU_SHAPES, cuda_event_times  # noqa: E402
 
 
@@ -71,16 +71,9 @@ def table_bytes(table) -> int:
 
 def programs(e, c, table, slab_bytes) -> int:
     """Programs in the forward kernel's grid: (row blocks) x (groups), or x (slabs x splits per slab)."""
-    n, v = e.shape[0], c.shape[0]
-    cfg = configs.config_for("tma", e.dtype, e.device, e.shape[1])
-    blocks = -(-n // cfg["BLOCK_N"])
-    if isinstance(table, gemm_impl.SlabTable):
-        return blocks * table.lse.shape[0]
-    slab = gemm_impl.slab_columns(n, v, slab_bytes) if table is not None else v
-    n_slab = -(-v // slab)
-    sms = gemm_impl._num_sms(e.device.index or 0) if e.is_cuda else 4
-    sub, _ = gemm_impl.tma_splits(blocks, n_slab, -(-slab // cfg["BLOCK_V"]), sms, cfg["BLOCK_V"])
-    return blocks * n_slab * sub
+    n_blocks, *_, n_parts = gemm_impl.tma_grid(e, c, gemm_impl.slab_columns(e.shape[0], c.shape[0], slab_bytes),
+                                               table)
+    return n_blocks * n_parts
 
 
 def training_peaks(e, c, targets, table_of, slab_bytes) -> dict:

@@ -638,6 +638,23 @@ def launch_band(n_parts: int) -> int:
     return BAND_ROWS if n_parts >= 4 else 0
 
 
+def tma_grid(e, c, cols_per_slab, slab_lse) -> tuple[int, int, int, int, int]:
+    """:func:`lse_tma_kernel`'s grid for :func:`forward_stats`' ``slab_lse``: (row blocks, slab columns,
+    splits per slab, columns per split, parts), the grid being row blocks x parts. One slab of the whole
+    vocabulary unless the filtered backward needs a per-slab table; a :class:`SlabTable`'s parts are its
+    groups, else each slab is cut into :func:`tma_splits`."""
+    n, vocab = e.shape[0], c.shape[0]
+    cfg = configs.config_for("tma", e.dtype, e.device, e.shape[1])
+    n_blocks = triton.cdiv(n, cfg["BLOCK_N"])
+    slab = cols_per_slab if slab_lse is not None else vocab
+    if isinstance(slab_lse, SlabTable):
+        return n_blocks, slab, 1, slab, slab_lse.lse.shape[0]
+    n_slab = -(-vocab // slab)
+    sms = _num_sms(e.device.index or 0) if e.is_cuda else 4
+    sub, v_per_sub = tma_splits(n_blocks, n_slab, triton.cdiv(slab, cfg["BLOCK_V"]), sms, cfg["BLOCK_V"])
+    return n_blocks, slab, sub, v_per_sub, n_slab * sub
+
+
 def _forward_stats_tma(e, c, slab_bias, slab_targets, *, softcap, need_sum, need_mu, cols_per_slab, perm,
                        slab_lse):
     """:func:`forward_stats` through :func:`lse_tma_kernel`: no logit slab, (splits x N) partials; with a
@@ -645,20 +662,13 @@ def _forward_stats_tma(e, c, slab_bias, slab_targets, *, softcap, need_sum, need
     n, d = e.shape
     vocab = c.shape[0]
     cfg = configs.config_for("tma", e.dtype, e.device, d)
-    n_blocks = triton.cdiv(n, cfg["BLOCK_N"])
     grouped = isinstance(slab_lse, SlabTable)
-    # One slab of the whole vocabulary unless the filtered backward needs a per-slab table.
-    slab = cols_per_slab if slab_lse is not None else vocab
+    n_blocks, slab, sub, v_per_sub, n_parts = tma_grid(e, c, cols_per_slab, slab_lse)
     n_slab = -(-vocab // slab)
     f32 = dict(dtype=torch.float32, device=e.device)
     if grouped:
-        sub, v_per_sub, n_parts = 1, slab, slab_lse.lse.shape[0]
         l_part = slab_lse.lse
     else:
-        slab_tiles = triton.cdiv(slab, cfg["BLOCK_V"])
-        sms = _num_sms(e.device.index or 0) if e.is_cuda else 4
-        sub, v_per_sub = tma_splits(n_blocks, n_slab, slab_tiles, sms, cfg["BLOCK_V"])
-        n_parts = n_slab * sub
         # with one split per slab the splits are the slabs: the kernel writes the table itself
         l_part = slab_lse if slab_lse is not None and sub == 1 else torch.empty((n_parts, n), **f32)
     w_part = torch.empty((n_parts, n), **f32) if need_mu else l_part

@@ -126,7 +126,8 @@ def lse_tma_kernel(
         # (H100: 17.1-17.7 ms against 15.8 for one slab per program; bench/cce_forward_groups.py), where
         # the kernel compiled by Triton 3.6 for sm_90 spilled to local memory (52 STL; 3 now, 0 ungrouped: the
         # counts of `python -m lmforge.cce.sass`).
-        # The slab's end is handled by selects, not a branch: Triton 3.6 fails to compile an `if` here.
+        # The slab's end is handled by selects. Triton 3.6 fails to compile an `if` holding the code's store;
+        # one holding only the merge compiles but timed the same (H100, 2026-12-07).
         tiles_per_slab = tl.cdiv(cols_per_slab, BLOCK_V)
         last_slab = tl.minimum(first_slab + slabs_per_group, tl.cdiv(V, cols_per_slab)) - 1
         n_tiles = (last_slab - first_slab) * tiles_per_slab \
