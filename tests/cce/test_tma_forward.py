@@ -7,7 +7,7 @@ tests run the compiled kernel, which is also what impl="gemm" uses by default fo
 import pytest
 import torch
 
-from lmforge.cce import gemm_impl, linear_cross_entropy
+from lmforge.cce import configs, gemm_impl, linear_cross_entropy
 from tests.cce.test_api import D, N, V, backward_both, make_inputs, reference, rel_err
 from tests.conftest import DEVICE
 
@@ -233,20 +233,25 @@ def test_compact_table_bounds_every_slab_from_above_within_its_code_step(monkeyp
 @pytest.mark.parametrize("table", ["none", "grouped"])
 def test_banded_launch_order_gives_the_row_major_results(monkeypatch, table):
     # lse_tma_kernel's banded launch order (BAND > 0) only renumbers the programs: each (row block, part)
-    # must still run exactly once. Bands of 2 row blocks over N = 37 rows (3 blocks of 16 in the interpreter:
-    # one full band and a partial one), against the row-major order, bit for bit, and float64.
-    e, c, t, b = make_inputs(torch.bfloat16, ignore_frac=0.2, with_bias=True, scale=3.0)
+    # must still run exactly once. Bands of 2 row blocks over 3 row blocks of this device's tiles (one full
+    # band and a partial one) and 8 vocabulary tiles (split, or slabs of one tile in 4 groups of 2), against
+    # the row-major order, bit for bit, and float64. Sized from the tiles: at the GPU's 128 x 256 tiles the
+    # module's 37 x 101 problem is one program.
+    cfg = configs.config_for("tma", torch.bfloat16, torch.device(DEVICE), D)
+    n, v = 2 * cfg["BLOCK_N"] + 5, 7 * cfg["BLOCK_V"] + 3
+    e, c, t, b = make_inputs(torch.bfloat16, n=n, v=v, ignore_frac=0.2, with_bias=True, scale=3.0)
     e, c, b = e.detach(), c.detach(), b.detach()
     monkeypatch.setenv("LMFORGE_CCE_TMA", "1")
-    monkeypatch.setenv("LMFORGE_CCE_SLAB_MB", str(16 * N * 4 / 2**20))
-    perm = torch.randperm(V, generator=torch.Generator().manual_seed(7)).to(DEVICE, torch.int32)
-    n_slab, seen = gemm_impl.n_slabs(N, V), []
+    monkeypatch.setenv("LMFORGE_CCE_SLAB_MB", str(cfg["BLOCK_V"] * n * 4 / 2**20))
+    perm = torch.randperm(v, generator=torch.Generator().manual_seed(7)).to(DEVICE, torch.int32)
+    n_slab, seen = gemm_impl.n_slabs(n, v), []
+    assert n_slab == 8
     results = {}
     for band in (0, 2):
         monkeypatch.setattr(gemm_impl, "launch_band", lambda n_parts, band=band: seen.append(n_parts) or band)
         if table == "grouped":
-            tab = gemm_impl.SlabTable(torch.full((-(-n_slab // 2), N), float("nan"), device=DEVICE),
-                                      torch.zeros((n_slab, N), dtype=torch.uint8, device=DEVICE), 2)
+            tab = gemm_impl.SlabTable(torch.full((-(-n_slab // 2), n), float("nan"), device=DEVICE),
+                                      torch.zeros((n_slab, n), dtype=torch.uint8, device=DEVICE), 2)
             stats = gemm_impl.forward_stats(e, c, b, t, softcap=3.0, perm=perm, slab_lse=tab)
             results[band] = (*stats, tab.lse, tab.codes)
         else:
@@ -254,7 +259,7 @@ def test_banded_launch_order_gives_the_row_major_results(monkeypatch, table):
     assert min(seen) >= 3  # several parts: the bands hold more than one program per row block
     for banded, row_major in zip(results[2], results[0]):
         assert torch.equal(banded, row_major)
-    ref = float64_stats(e.cpu(), c.cpu(), b.cpu(), t.cpu(), 3.0, None, V)
+    ref = float64_stats(e.cpu(), c.cpu(), b.cpu(), t.cpu(), 3.0, None, v)
     torch.testing.assert_close(results[2][0].double().cpu(), ref[0], rtol=1e-5, atol=1e-5)
 
 
