@@ -375,20 +375,20 @@ def run_benchmark(config: CCEBenchConfig, progress: bool = True) -> dict:
         timed = {}  # impl -> (its loss function, its result row): what the extra rounds time again
         for impl in config.impls:
             bar.set_postfix_str(f"{name}/{regime}: {impl}")
+            fn = None
             try:
                 with _environment(IMPL_ENV.get(impl, {})):
                     fn = loss_function(impl)
                     row = measure(impl, fn, e, c, t, ref, warmup=config.warmup, repeats=config.repeats)
-                timed[impl] = fn
             except Exception as err:  # a peer that fails on this shape/device is reported, not fatal
                 if impl in IMPLEMENTATIONS:
                     raise
-                row = dict(impl=impl, error=f"{type(err).__name__}: {err}"[:300])
+                row, fn = dict(impl=impl, error=f"{type(err).__name__}: {err}"[:300]), None
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             rows.append(dict(shape=name, regime=regime, n=n, d=d, v=v, **row))
-            if impl in timed:
-                timed[impl] = (timed[impl], rows[-1])
+            if fn is not None:
+                timed[impl] = (fn, rows[-1])
             clock.lap(impl)
             bar.update()
         if config.rounds > 1 and timed:

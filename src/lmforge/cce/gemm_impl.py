@@ -638,13 +638,13 @@ def launch_band(n_parts: int) -> int:
     return BAND_ROWS if n_parts >= 4 else 0
 
 
-def tma_grid(e, c, cols_per_slab, slab_lse) -> tuple[int, int, int, int, int]:
+def tma_grid(e, c, cols_per_slab, slab_lse, cfg=None) -> tuple[int, int, int, int, int]:
     """:func:`lse_tma_kernel`'s grid for :func:`forward_stats`' ``slab_lse``: (row blocks, slab columns,
     splits per slab, columns per split, parts), the grid being row blocks x parts. One slab of the whole
     vocabulary unless the filtered backward needs a per-slab table; a :class:`SlabTable`'s parts are its
-    groups, else each slab is cut into :func:`tma_splits`."""
+    groups, else each slab is cut into :func:`tma_splits`. ``cfg``: the "tma" launch config, if in hand."""
     n, vocab = e.shape[0], c.shape[0]
-    cfg = configs.config_for("tma", e.dtype, e.device, e.shape[1])
+    cfg = cfg or configs.config_for("tma", e.dtype, e.device, e.shape[1])
     n_blocks = triton.cdiv(n, cfg["BLOCK_N"])
     slab = cols_per_slab if slab_lse is not None else vocab
     if isinstance(slab_lse, SlabTable):
@@ -663,7 +663,7 @@ def _forward_stats_tma(e, c, slab_bias, slab_targets, *, softcap, need_sum, need
     vocab = c.shape[0]
     cfg = configs.config_for("tma", e.dtype, e.device, d)
     grouped = isinstance(slab_lse, SlabTable)
-    n_blocks, slab, sub, v_per_sub, n_parts = tma_grid(e, c, cols_per_slab, slab_lse)
+    n_blocks, slab, sub, v_per_sub, n_parts = tma_grid(e, c, cols_per_slab, slab_lse, cfg)
     n_slab = -(-vocab // slab)
     f32 = dict(dtype=torch.float32, device=e.device)
     if grouped:
