@@ -197,12 +197,16 @@ SMALL_GRAD_BYTES = 256 << 20
 # of whole slabs whatever the budget (LMFORGE_CCE_BWD_MB, when set, applies to it too: 52 gives four chunks).
 SORTED_CHUNKS = 2
 # Every row chunk after the first adds one bf16 rounding of a partial dC: with a near-uniform softmax (the
-# filter then keeps every row, so the backward runs in vocabulary order) that rounding is dC's whole error,
-# and k equal chunks multiply it by about sqrt((k + 1) / 2) (Gaussian data: 1.22 for two, 1.42 for three,
-# 1.58 for four), against the issue's bound of 1.5x torch's error. So the vocabulary order uses at most
-# EXACT_MAX_CHUNKS chunks where the budget allows (Gemma random: dC error 8.2e-4 with two, torch 7.7e-4);
-# the sorted order (peaked softmax, dC's error dominated by the products) is not capped.
-EXACT_MAX_CHUNKS = 2
+# filter then keeps every row, so the backward runs in vocabulary order) k equal chunks multiply that rounding
+# part of dC's error by about sqrt((k + 1) / 2), but the logit gradient's own bf16 rounding (which torch has
+# too) dominates dC's error. Gemma 2 2B, random data, H100 2026-12-07 (bench/cce_backward_plans.py --errors):
+# dC error 8.21e-4 with two chunks, 8.35e-4 with three, torch 7.7e-4; fitted, four chunks ~8.5e-4 (1.10x torch)
+# and eight ~9.0e-4 (1.17x), against the issue's bound of 1.5x. So the vocabulary order uses at most
+# EXACT_MAX_CHUNKS chunks where the budget allows, a margin rather than a binding limit: the cost model's
+# own choice takes three at Gemma's shape (whole slabs: 64.7 against 66.0 ms for two chunks of half slabs,
+# 46.75 against 52 MiB) and four at Llama 3 8B's and Qwen2.5 7B's. The sorted order (peaked softmax, dC's
+# error dominated by the products) is not capped.
+EXACT_MAX_CHUNKS = 4
 # backward_plan's price of one more (row chunk, slab piece) step, in bytes of memory traffic: ~7 launches at
 # ~40 us of host work each, ~1.3 GB at the H200's ~4.8 TB/s, against products that shrink with the step.
 STEP_BYTES = 1 << 30
