@@ -80,17 +80,13 @@ def test_gemm_loss_with_the_tma_forward_matches_float64(monkeypatch, filter_eps,
         assert rel_err(got, want) < 1.2e-2
 
 
-@pytest.mark.parametrize("persist", ["0", "1"])  # a program per run of tiles, or persistent programs
 @pytest.mark.parametrize("pieces", [False, True])  # each slab whole, or in 16-column pieces and 16-row chunks
 @pytest.mark.parametrize("cols", [32, V])  # several slabs (the last ragged), one slab
 @pytest.mark.parametrize("sorted_order", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_tma_logit_gradient_matches_float64_and_the_slab_backward(monkeypatch, cols, sorted_order, pieces, dtype,
-                                                                   persist):
+def test_tma_logit_gradient_matches_float64_and_the_slab_backward(monkeypatch, cols, sorted_order, pieces, dtype):
     # kernels/tma_grad.py: dz from E and C on chip instead of cuBLAS's fp32 slab and the in-place pass,
     # with every upstream gradient (lse, target logit, logit sum, softmax-mean logit), bias and softcap.
-    monkeypatch.setenv("LMFORGE_CCE_DZ_PERSIST", persist)
-    assert gemm_impl.dz_persistent() == (persist == "1")
     e, c, t, b = make_inputs(dtype, ignore_frac=0.2, with_bias=True, scale=2.0)
     e, c, b = e.detach(), c.detach(), b.detach()
     monkeypatch.setenv("LMFORGE_CCE_SLAB_MB", str(cols * N * 4 / 2**20))
@@ -118,13 +114,6 @@ def test_tma_logit_gradient_matches_float64_and_the_slab_backward(monkeypatch, c
     for got, slab, want in zip(results["1"], results["0"], (e64.grad, c64.grad, b64.grad)):
         assert rel_err(got, want) < 1e-2
         assert rel_err(got, slab) < 1e-2  # dz rounds to bf16 in both; their fp32 products may differ
-
-
-@pytest.mark.parametrize("value", ["yes", "2", ""])
-def test_a_bad_persistence_flag_is_a_clear_error(monkeypatch, value):
-    monkeypatch.setenv("LMFORGE_CCE_DZ_PERSIST", value)
-    with pytest.raises(ValueError, match="LMFORGE_CCE_DZ_PERSIST"):
-        gemm_impl.dz_persistent()
 
 
 @pytest.mark.parametrize("value", ["abc", "0", "-1"])

@@ -210,12 +210,6 @@ EXACT_MAX_CHUNKS = 4
 # backward_plan's price of one more (row chunk, slab piece) step, in bytes of memory traffic: ~7 launches at
 # ~40 us of host work each, ~1.3 GB at the H200's ~4.8 TB/s, against products that shrink with the step.
 STEP_BYTES = 1 << 30
-# The TMA logit-gradient kernel's grid (dz_persistent): a program per run of whole tiles, sized by tma_splits.
-# At three row chunks of whole slabs (Gemma 2 2B) a chunk is 22 row blocks x 16 tiles, one tile per program:
-# each program's pipeline fills and drains around a single 128 x 256 tile (the backward's dz kernel took 15.0
-# ms per step against the forward's 12.9 for the same products, H100 2026-12-07). Persistent programs run
-# the tiles back to back in one pipeline.
-DZ_PERSIST = False
 
 
 def backward_budget() -> int | None:
@@ -790,18 +784,6 @@ def row_depths(slab_lse, lse, g_lse, g_tgt, slab_targets, cols_per_slab: int, fi
     return depth
 
 
-def dz_persistent() -> bool:
-    """Whether the backward's TMA logit-gradient kernel runs persistent (``LMFORGE_CCE_DZ_PERSIST``: "1" or
-    "0"; default DZ_PERSIST): at most one program per SM walking the chunk's (row block, tile) pairs,
-    instead of a program per run of tiles (:mod:`lmforge.cce.kernels.tma_grad`)."""
-    flag = os.environ.get("LMFORGE_CCE_DZ_PERSIST")
-    if flag is None:
-        return DZ_PERSIST
-    if flag not in ("0", "1"):
-        raise ValueError(f"LMFORGE_CCE_DZ_PERSIST must be 0 or 1, got {flag!r}")
-    return flag == "1"
-
-
 def _logit_grad_tma(e, c_rows, slab_bias, slab_targets, vectors, softcap, grads: dict):
     """A function ``launch(k, c_row0, cols, start, dz)`` that writes dz (k x cols, the inputs' dtype) of e's
     first k rows against c_rows[c_row0 : c_row0 + cols], the classifier rows at vocabulary positions
@@ -818,18 +800,12 @@ def _logit_grad_tma(e, c_rows, slab_bias, slab_targets, vectors, softcap, grads:
                    **_launch_kwargs(cfg))
     bias = slab_bias if slab_bias is not None else e  # never read without HAS_BIAS
     cap = float(softcap) if softcap is not None else 1.0
-    persist = dz_persistent()
 
     def launch(k: int, c_row0: int, cols: int, start: int, dz: torch.Tensor):
         n_blocks = -(-k // cfg["BLOCK_N"])
-        tiles = -(-cols // cfg["BLOCK_V"])
-        if persist:
-            grid, v_per_split = (min(n_blocks * tiles, sms),), cols
-        else:
-            sub, v_per_split = tma_splits(n_blocks, 1, tiles, sms, cfg["BLOCK_V"])
-            grid = (n_blocks, sub)
-        logit_grad_tma_kernel[grid](e_desc, c_desc, dz, bias, slab_targets, *vectors, k, cols, start, c_row0,
-                                    v_per_split, dz.stride(0), cap, PERSIST=persist, **options)
+        sub, v_per_split = tma_splits(n_blocks, 1, -(-cols // cfg["BLOCK_V"]), sms, cfg["BLOCK_V"])
+        logit_grad_tma_kernel[(n_blocks, sub)](e_desc, c_desc, dz, bias, slab_targets, *vectors,
+                                               k, cols, start, c_row0, v_per_split, dz.stride(0), cap, **options)
 
     return launch
 

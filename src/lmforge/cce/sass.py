@@ -21,7 +21,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from lmforge.cce import configs, gemm_impl
+from lmforge.cce import configs
 
 INSTRUCTIONS = {"HGMMA": r"\bHGMMA\b", "HMMA": r"\bHMMA\b", "LDGSTS": r"\bLDGSTS\b", "UTMALDG": r"\bUTMALDG\b",
                 "LDG": r"\bLDG\b", "STS": r"\bSTS\b",
@@ -122,8 +122,7 @@ def _tma_grad(n: int, d: int, arch: int, shared_limit: int, slab: int) -> tuple:
                 v_per_split=("i32", slab // 4),
                 stride_dzn=("i32", slab), softcap=("fp32", 1.0))
     consts = dict(D=d, HAS_BIAS=False, HAS_SOFTCAP=False, HAS_G_LSE=True, HAS_G_TGT=True, HAS_G_SUM=False,
-                  HAS_G_MU=False, UPCAST=False, FLATTEN=True, PERSIST=gemm_impl.DZ_PERSIST,
-                  **{k: cfg[k] for k in ("BLOCK_N", "BLOCK_V", "BLOCK_D")})
+                  HAS_G_MU=False, UPCAST=False, FLATTEN=True, **{k: cfg[k] for k in ("BLOCK_N", "BLOCK_V", "BLOCK_D")})
     return logit_grad_tma_kernel, args, consts, cfg["num_warps"], cfg["num_stages"], cfg
 
 

@@ -24,59 +24,32 @@ from lmforge.cce.kernels.tma_forward import row_block
 
 
 @triton.jit
-def _dz_tile(e_desc, c_desc, DZ, Bias, row0, rows, row_ok, targets, lse, mu, g_lse, g_tgt, g_sum, g_mu,
-             v0, v_end, slab_start, c_row0, stride_dzn, softcap,
-             D: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-             HAS_G_LSE: tl.constexpr, HAS_G_TGT: tl.constexpr, HAS_G_SUM: tl.constexpr, HAS_G_MU: tl.constexpr,
-             UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
-    """dz of rows [row0, row0 + BLOCK_N) x slab columns [v0, v0 + BLOCK_V) (those before v_end), stored."""
-    slot = v0 + tl.arange(0, BLOCK_V)
-    col_ok = slot < v_end
-    acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
-    for d0 in tl.range(0, D, BLOCK_D):
-        a = e_desc.load([row0, d0])
-        b = c_desc.load([c_row0 + v0, d0])  # rows past the slab (the next slab's, or zeros) are masked below
-        if UPCAST:  # the interpreter multiplies 16-bit tiles as raw bits; fp32 gives the GPU's products
-            acc = tl.dot(a.to(tl.float32), b.to(tl.float32).T, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b.T, acc)
-    dz = logit_grad(acc, Bias, slab_start + slot, col_ok, targets, lse, mu, g_lse, g_tgt, g_sum, g_mu,
-                    softcap, HAS_BIAS, HAS_SOFTCAP, HAS_G_LSE, HAS_G_TGT, HAS_G_SUM, HAS_G_MU)
-    tl.store(DZ + rows[:, None].to(tl.int64) * stride_dzn + slot[None, :], dz.to(DZ.dtype.element_ty),
-             mask=row_ok[:, None] & col_ok[None, :])
-
-
-@triton.jit
 def logit_grad_tma_kernel(
     e_desc, c_desc, DZ, Bias, Targets, Lse, Mu, G_lse, G_tgt, G_sum, G_mu,
     N, slab_cols, slab_start, c_row0, v_per_split, stride_dzn, softcap,
     D: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_G_LSE: tl.constexpr, HAS_G_TGT: tl.constexpr, HAS_G_SUM: tl.constexpr, HAS_G_MU: tl.constexpr,
     UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-    FLATTEN: tl.constexpr, PERSIST: tl.constexpr = False,
+    FLATTEN: tl.constexpr,
 ):
-    if PERSIST:
-        # A one-dimensional grid of at most one program per SM, each walking (row block, tile) pairs with
-        # the grid's stride, tiles of a row block fastest, in one software pipeline: the next tile's loads
-        # overlap this tile's epilogue and store, which a program per tile leaves exposed.
-        tiles_per_row = tl.cdiv(slab_cols, BLOCK_V)
-        total = tl.cdiv(N, BLOCK_N) * tiles_per_row
-        for t in tl.range(tl.program_id(0), total, tl.num_programs(0), flatten=FLATTEN):
-            rb = t // tiles_per_row
-            row0, rows, row_ok, targets = row_block(Targets, N, rb, BLOCK_N)
-            lse, mu, g_lse, g_tgt, g_sum, g_mu = row_grad_inputs(rows, row_ok, Lse, Mu, G_lse, G_tgt, G_sum,
-                                                                 G_mu, HAS_G_LSE, HAS_G_TGT, HAS_G_SUM, HAS_G_MU)
-            _dz_tile(e_desc, c_desc, DZ, Bias, row0, rows, row_ok, targets, lse, mu, g_lse, g_tgt, g_sum, g_mu,
-                     (t - rb * tiles_per_row) * BLOCK_V, slab_cols, slab_start, c_row0, stride_dzn, softcap,
-                     D, HAS_BIAS, HAS_SOFTCAP, HAS_G_LSE, HAS_G_TGT, HAS_G_SUM, HAS_G_MU, UPCAST,
-                     BLOCK_N, BLOCK_V, BLOCK_D)
-    else:
-        row0, rows, row_ok, targets = row_block(Targets, N, tl.program_id(0), BLOCK_N)
-        lse, mu, g_lse, g_tgt, g_sum, g_mu = row_grad_inputs(rows, row_ok, Lse, Mu, G_lse, G_tgt, G_sum, G_mu,
-                                                             HAS_G_LSE, HAS_G_TGT, HAS_G_SUM, HAS_G_MU)
-        v_begin = tl.program_id(1) * v_per_split
-        v_end = tl.minimum(v_begin + v_per_split, slab_cols)
-        for v0 in tl.range(v_begin, v_end, BLOCK_V, flatten=FLATTEN):
-            _dz_tile(e_desc, c_desc, DZ, Bias, row0, rows, row_ok, targets, lse, mu, g_lse, g_tgt, g_sum, g_mu,
-                     v0, v_end, slab_start, c_row0, stride_dzn, softcap, D, HAS_BIAS, HAS_SOFTCAP, HAS_G_LSE,
-                     HAS_G_TGT, HAS_G_SUM, HAS_G_MU, UPCAST, BLOCK_N, BLOCK_V, BLOCK_D)
+    row0, rows, row_ok, targets = row_block(Targets, N, tl.program_id(0), BLOCK_N)
+    lse, mu, g_lse, g_tgt, g_sum, g_mu = row_grad_inputs(rows, row_ok, Lse, Mu, G_lse, G_tgt, G_sum, G_mu,
+                                                         HAS_G_LSE, HAS_G_TGT, HAS_G_SUM, HAS_G_MU)
+    v_begin = tl.program_id(1) * v_per_split
+    v_end = tl.minimum(v_begin + v_per_split, slab_cols)
+    rows64 = rows[:, None].to(tl.int64)
+    for v0 in tl.range(v_begin, v_end, BLOCK_V, flatten=FLATTEN):
+        slot = v0 + tl.arange(0, BLOCK_V)
+        col_ok = slot < v_end
+        acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
+        for d0 in tl.range(0, D, BLOCK_D):
+            a = e_desc.load([row0, d0])
+            b = c_desc.load([c_row0 + v0, d0])  # rows past the slab (the next slab's, or zeros) are masked below
+            if UPCAST:  # the interpreter multiplies 16-bit tiles as raw bits; fp32 gives the GPU's products
+                acc = tl.dot(a.to(tl.float32), b.to(tl.float32).T, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, b.T, acc)
+        dz = logit_grad(acc, Bias, slab_start + slot, col_ok, targets, lse, mu, g_lse, g_tgt, g_sum, g_mu,
+                        softcap, HAS_BIAS, HAS_SOFTCAP, HAS_G_LSE, HAS_G_TGT, HAS_G_SUM, HAS_G_MU)
+        tl.store(DZ + rows64 * stride_dzn + slot[None, :], dz.to(DZ.dtype.element_ty),
+                 mask=row_ok[:, None] & col_ok[None, :])
