@@ -85,6 +85,29 @@ def test_an_implementations_environment_holds_during_its_measurement_only(monkey
     assert [r["impl"] for r in rows] == list(impls)
 
 
+def test_each_regime_starts_without_a_remembered_filter_fallback(monkeypatch, tmp_path):
+    # gemm_impl remembers a dense fallback per problem shape; a regime measured after another of the same
+    # shape must not inherit it (calibrated data timed without filtering after random data did).
+    import lmforge.cce.benchmark as bench
+    from lmforge.cce import gemm_impl
+
+    seen = []
+    measure = bench.measure
+
+    def spy(name, *args, **kwargs):
+        seen.append(dict(gemm_impl._dense_history))
+        gemm_impl._dense_history[("fallback after", name)] = [64, 64]  # what a flat softmax would leave
+        return measure(name, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "measure", spy)
+    monkeypatch.setattr(gemm_impl, "_dense_history", {("earlier", "run"): [4, 4]})
+    config = CCEBenchConfig(shapes=["16x8x40"], regimes=("random", "calibrated"), impls=("lmforge", "torch"),
+                            warmup=0, repeats=1, out_dir=str(tmp_path))
+    run_benchmark(config, progress=False)
+    # each regime's first impl finds nothing remembered; the second sees the first's (same run, same regime)
+    assert seen == [{}, {("fallback after", "lmforge"): [64, 64]}] * 2
+
+
 def test_timing_rounds_alternate_the_order_and_report_medians(monkeypatch, tmp_path):
     # rounds=3: every impl is measured once in full, then timed twice more, the second pass in reverse order
     # (B A) and the third in order (A B); its times are the medians of its three rounds, each round kept.

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from lmforge.cce import gemm_impl
 from lmforge.cce.api import linear_cross_entropy
 from lmforge.cce.regimes import make_inputs, regime_stats
 from lmforge.files import write_text_atomic
@@ -360,6 +361,11 @@ def run_benchmark(config: CCEBenchConfig, progress: bool = True) -> dict:
     bar = tqdm(total=len(jobs) * (len(config.impls) + 1), desc="bench cce", disable=not progress)
     for name, regime in jobs:
         n, d, v = shapes[name]
+        # A fallback the GEMM path remembers is keyed by the problem's shape, not its data: without this the
+        # regime measured after another of the same shape would inherit its filter history (after random
+        # data, up to DENSE_SKIP_MAX steps without filtering: calibrated Gemma timed exact, 64.7 ms, H100
+        # 2026-12-07). Each regime starts as a new run would.
+        gemm_impl.reset_filter_history()
         # Wall seconds per phase (a GPU call's budget goes mostly to what is not measured: this says where)
         clock = _PhaseClock(device)
         e, c, t = make_inputs(regime, n, d, v, dtype=dtype, device=device, seed=config.seed,
