@@ -108,6 +108,28 @@ def test_each_regime_starts_without_a_remembered_filter_fallback(monkeypatch, tm
     assert seen == [{}, {("fallback after", "lmforge"): [64, 64]}] * 2
 
 
+def test_the_torch_compile_peer_compiles_in_process_and_computes_torch_loss():
+    # Inductor's default starts worker processes (one per core) at its first compile; their start-up would
+    # run beside the timings that follow it. The peer compiles in this process instead.
+    import torch._inductor.config as inductor_config
+
+    from lmforge.cce.benchmark import loss_function, torch_loss
+
+    g = torch.Generator().manual_seed(0)
+    e = torch.randn(16, 8, generator=g, requires_grad=True)
+    c = torch.randn(40, 8, generator=g, requires_grad=True)
+    t = torch.randint(0, 40, (16,), generator=g)
+    got = loss_function("torch_compile")(e, c, t)
+    assert inductor_config.compile_threads == 1
+    got.backward()
+    de, dc = e.grad, c.grad
+    e.grad = c.grad = None
+    want = torch_loss(e, c, t)
+    want.backward()
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(de, e.grad, rtol=1e-4, atol=1e-6) and torch.allclose(dc, c.grad, rtol=1e-4, atol=1e-6)
+
+
 def test_timing_rounds_alternate_the_order_and_report_medians(monkeypatch, tmp_path):
     # rounds=3: every impl is measured once in full, then timed twice more, the second pass in reverse order
     # (B A) and the third in order (A B); its times are the medians of its three rounds, each round kept.
