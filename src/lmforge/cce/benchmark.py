@@ -103,11 +103,11 @@ def _torch_linear_cross_entropy():
 
 
 def _torch_compile():
-    # Inductor compiles in this process: by default its first compile also starts a pool of worker processes
-    # (one per core, each importing torch), whose start-up then runs beside the timings that follow. The
-    # suspected cause of lmforge's random Gemma step timing 158 ms in the two rounds right after
-    # torch.compile's first compile against 63.8 before (H100, 2026-12-07): the step launches ~600 kernels
-    # from Python, so it slows with the host.
+    # One compile thread: inductor compiles in this process. By default its first compile also starts a pool
+    # of worker processes (one per core, each importing torch), whose start-up then runs beside the timings
+    # that follow: the suspected cause of lmforge's random Gemma step timing 158 ms in the two rounds right
+    # after torch.compile's first compile, against 63.8 before (H100, 2026-12-07; the step launches ~600
+    # kernels from Python, so it slows with the host).
     import torch._inductor.config as inductor_config
 
     inductor_config.compile_threads = 1
