@@ -15,7 +15,9 @@ reports against float64:
 
 On a GPU it also times one backward step's dE product as shipped (bf16 operands added into the fp32
 accumulator) against torch._scaled_mm on e4m3 operands (fp32 out, then added), and the classifier piece's
-conversion to e4m3 (transposed, as the fp8 GEMM wants its second operand).
+conversion to e4m3 (transposed, as the fp8 GEMM wants its second operand), and a Triton kernel that does what
+an fp8 backward step would: the e4m3 product (QGMMA on sm_90) with each row's scale and the accumulator's
+read-add-write in its epilogue, in a few tile configurations.
 
     python bench/cce_fp8_probe.py --shape gemma2-2b --regime random [--rows 2816 --piece 4096] [--out ...]
 """
@@ -23,12 +25,16 @@ conversion to e4m3 (transposed, as the fp8 GEMM wants its second operand).
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402
 
 from lmforge.cce import linear_cross_entropy  # noqa: E402
 from lmforge.cce.benchmark import _rel, float64_reference, parse_shape, torch_loss  # noqa: E402
@@ -39,6 +45,57 @@ FP8_MAX = torch.finfo(FP8).max
 # e4m3 keeps 3 mantissa bits: a rounding's relative error is at most 2^-4 and, for mantissas spread evenly,
 # 2^-4 / sqrt(3) in rms; a product of two rounded operands ~sqrt(2) times that.
 EST = math.sqrt(2) * 2.0 ** -4 / math.sqrt(3)
+
+
+@triton.jit
+def fp8_accumulate_kernel(a_desc, b_desc, Acc, RowScale, col_scale, M, N, K, stride_acc, UPCAST: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Acc[M, N] += (A B^T) * RowScale[:, None] * col_scale for e4m3 A (M x K) and B (N x K, K-major), by
+    tensor descriptors; one program per output tile, the accumulator read, added to and written in the
+    epilogue."""
+    pid = tl.program_id(0)
+    n_tiles_n = tl.cdiv(N, BLOCK_N)
+    pid_m, pid_n = pid // n_tiles_n, pid % n_tiles_n
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k in tl.range(0, K, BLOCK_K):
+        a = a_desc.load([pid_m * BLOCK_M, k])
+        b = b_desc.load([pid_n * BLOCK_N, k])
+        if UPCAST:  # the interpreter: the products of the e4m3 values, in fp32
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32).T, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b.T, acc)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rows < M)[:, None] & (cols < N)[None, :]
+    scale = tl.load(RowScale + rows, mask=rows < M, other=0.0) * col_scale
+    ptr = Acc + rows[:, None].to(tl.int64) * stride_acc + cols[None, :]
+    tl.store(ptr, tl.load(ptr, mask=mask, other=0.0) + acc * scale[:, None], mask=mask)
+
+
+def fp8_accumulate(acc, a8, b8t, row_scale, col_scale: float, cfg=(128, 128, 128, 8, 4)):
+    """acc += (a8 @ b8t^T) * row_scale[:, None] * col_scale by :func:`fp8_accumulate_kernel`; ``cfg``: BLOCK_M,
+    BLOCK_N, BLOCK_K, warps, stages."""
+    block_m, block_n, block_k, warps, stages = cfg
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    (m, k), n = a8.shape, b8t.shape[0]
+    grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
+    fp8_accumulate_kernel[grid](TensorDescriptor.from_tensor(a8, [block_m, block_k]),
+                                TensorDescriptor.from_tensor(b8t, [block_n, block_k]), acc, row_scale,
+                                float(col_scale), m, n, k, acc.stride(0), UPCAST=interpret, BLOCK_M=block_m,
+                                BLOCK_N=block_n, BLOCK_K=block_k,
+                                **({} if interpret else dict(num_warps=warps, num_stages=stages)))
+
+
+def kernel_error(m: int, n: int, k: int, cfg=(128, 128, 128, 8, 4), device="cpu") -> float:
+    """:func:`fp8_accumulate`'s relative error against the same e4m3 operands multiplied in float64."""
+    g = torch.Generator(device=device).manual_seed(0)
+    a8 = (torch.randn(m, k, device=device, generator=g) * 8).to(FP8)
+    b8t = (torch.randn(n, k, device=device, generator=g) * 8).to(FP8)
+    acc = torch.randn(m, n, device=device, generator=g)
+    row_scale = torch.rand(m, device=device, generator=g) + 0.5
+    want = acc.double() + (a8.double() @ b8t.double().T) * row_scale.double()[:, None] * 0.125
+    fp8_accumulate(acc, a8, b8t, row_scale, 0.125, cfg)
+    return ((acc.double() - want).norm() / want.norm()).item()
 
 
 def _to_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -127,6 +184,16 @@ def timings(n_rows: int, piece: int, d: int) -> list:
                                                                        out_dtype=torch.float32)))
     record("fp8_bf16_out", lambda: torch._scaled_mm(a8, b8t.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16))
     record("piece_to_fp8_transposed", lambda: cp.t().contiguous().to(FP8))
+    row_scale = torch.ones(n_rows, device="cuda")
+    for cfg in ((128, 128, 128, 8, 4), (128, 256, 128, 8, 3), (128, 128, 64, 4, 4), (256, 128, 128, 8, 3)):
+        try:
+            err = kernel_error(1024, 512, 1024, cfg, device="cuda")
+        except Exception as exc:  # a configuration this GPU cannot hold is reported
+            rows.append(dict(variant=f"triton_fp8_accumulate {cfg}", error=f"{type(exc).__name__}: {exc}"[:300]))
+            print(json.dumps(rows[-1]), flush=True)
+            continue
+        record(f"triton_fp8_accumulate {cfg} (rel err {err:.1e})",
+               lambda cfg=cfg: fp8_accumulate(acc, a8, b8t, row_scale, 1.0, cfg))
     return rows
 
 

@@ -356,3 +356,12 @@ def test_fp8_probe_error_estimate_bounds_the_measured_error():
     assert peaked["fp8_part_err"] > 2 * flat["fp8_part_err"] and peaked["rows_over_room"] > 0.5
     for r in (flat, peaked):
         assert 0.8 <= r["est_over_err_min"] and r["est_over_err_median"] <= 3.0
+
+
+def test_fp8_probe_kernel_accumulates_the_scaled_e4m3_product():
+    # bench/cce_fp8_probe.py's Triton kernel (interpreted): acc += (A B^T) row_scale col_scale on e4m3 operands,
+    # ragged in every dimension, against float64 on the same operands.
+    from tests.conftest import load_bench_script
+
+    probe = load_bench_script("cce_fp8_probe")
+    assert probe.kernel_error(40, 50, 112, cfg=(16, 16, 32, 4, 2)) < 1e-6
