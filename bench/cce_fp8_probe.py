@@ -14,10 +14,10 @@ reports against float64:
   error, and the share of rows whose estimate would exceed the room the bound leaves (those would need bf16).
 
 On a GPU it also times one backward step's dE product as shipped (bf16 operands added into the fp32
-accumulator) against torch._scaled_mm on e4m3 operands (fp32 out, then added), and the classifier piece's
-conversion to e4m3 (transposed, as the fp8 GEMM wants its second operand), and a Triton kernel that does what
-an fp8 backward step would: the e4m3 product (QGMMA on sm_90) with each row's scale and the accumulator's
-read-add-write in its epilogue, in a few tile configurations.
+accumulator) against torch._scaled_mm on e4m3 operands (fp32 out, then added) and against a Triton kernel that
+does what an fp8 backward step would (the e4m3 product, QGMMA on sm_90, with each row's scale and the
+accumulator's read-add-write in its epilogue; a few tile configurations), and the classifier piece's conversion
+to e4m3 (transposed, as the fp8 GEMM wants its second operand).
 
     python bench/cce_fp8_probe.py --shape gemma2-2b --regime random [--rows 2816 --piece 4096] [--out ...]
 """
