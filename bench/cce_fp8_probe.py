@@ -36,7 +36,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402
 
-from lmforge.cce import linear_cross_entropy  # noqa: E402
+from lmforge.cce import gemm_impl, linear_cross_entropy  # noqa: E402
 from lmforge.cce.benchmark import _rel, float64_reference, parse_shape, torch_loss  # noqa: E402
 from lmforge.cce.regimes import make_inputs  # noqa: E402
 
@@ -104,9 +104,10 @@ def _to_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def _logits(e: torch.Tensor, c_piece: torch.Tensor) -> torch.Tensor:
-    if e.is_cuda:
-        return torch.mm(e, c_piece.t(), out_dtype=torch.float32)
-    return e.float() @ c_piece.float().t()
+    """e @ c_piece^T in fp32 from the 16-bit operands, as the GEMM path forms them."""
+    out = torch.empty(e.shape[0], c_piece.shape[0], dtype=torch.float32, device=e.device)
+    gemm_impl._logits_into(out, e, c_piece)
+    return out
 
 
 def fp8_softmax_de(e, c, t, lse, *, piece: int = 4096):
@@ -156,8 +157,6 @@ def accuracy(e, c, t, *, piece: int = 4096) -> dict:
 
 def timings(n_rows: int, piece: int, d: int) -> list:
     """One backward step's dE product: shipped (bf16, into fp32) against e4m3 (torch._scaled_mm), GPU ms."""
-    import triton
-
     from lmforge.cce.triton_impl import _accumulate_matmul
 
     g = torch.Generator(device="cuda").manual_seed(0)

@@ -388,7 +388,6 @@ def run_benchmark(config: CCEBenchConfig, progress: bool = True) -> dict:
         timed = {}  # impl -> (its loss function, its result row): what the extra rounds time again
         for impl in config.impls:
             bar.set_postfix_str(f"{name}/{regime}: {impl}")
-            fn = None
             try:
                 with _environment(IMPL_ENV.get(impl, {})):
                     fn = loss_function(impl)
