@@ -48,53 +48,74 @@ EST = math.sqrt(2) * 2.0 ** -4 / math.sqrt(3)
 
 
 @triton.jit
-def fp8_accumulate_kernel(a_desc, b_desc, Acc, RowScale, col_scale, M, N, K, stride_acc, UPCAST: tl.constexpr,
+def fp8_accumulate_kernel(a_desc, b_desc, Acc, RowScale, col_scale, M, N, K, stride_acc, stride_scale,
+                          K_SCALED: tl.constexpr, UPCAST: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Acc[M, N] += (A B^T) * RowScale[:, None] * col_scale for e4m3 A (M x K) and B (N x K, K-major), by
     tensor descriptors; one program per output tile, the accumulator read, added to and written in the
-    epilogue."""
+    epilogue. With K_SCALED, RowScale is M x cdiv(K, BLOCK_K) (row stride ``stride_scale``): one scale per
+    row and BLOCK_K-wide block of K, each block's product scaled as it is added (what a logit gradient
+    quantised tile by tile, without knowing the row's maximum beforehand, needs)."""
     pid = tl.program_id(0)
     n_tiles_n = tl.cdiv(N, BLOCK_N)
     pid_m, pid_n = pid // n_tiles_n, pid % n_tiles_n
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for k in tl.range(0, K, BLOCK_K):
         a = a_desc.load([pid_m * BLOCK_M, k])
         b = b_desc.load([pid_n * BLOCK_N, k])
-        if UPCAST:  # the interpreter: the products of the e4m3 values, in fp32
+        if K_SCALED:  # each block's product apart, scaled as it is added
+            if UPCAST:  # the interpreter: the products of the e4m3 values, in fp32
+                part = tl.dot(a.to(tl.float32), b.to(tl.float32).T, input_precision="ieee")
+            else:
+                part = tl.dot(a, b.T)
+            block_scale = tl.load(RowScale + rows * stride_scale + k // BLOCK_K, mask=rows < M, other=0.0)
+            acc += part * block_scale[:, None]
+        elif UPCAST:
             acc = tl.dot(a.to(tl.float32), b.to(tl.float32).T, acc, input_precision="ieee")
         else:
             acc = tl.dot(a, b.T, acc)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (rows < M)[:, None] & (cols < N)[None, :]
-    scale = tl.load(RowScale + rows, mask=rows < M, other=0.0) * col_scale
+    if K_SCALED:
+        scale = tl.full((BLOCK_M,), 1.0, tl.float32) * col_scale
+    else:
+        scale = tl.load(RowScale + rows, mask=rows < M, other=0.0) * col_scale
     ptr = Acc + rows[:, None].to(tl.int64) * stride_acc + cols[None, :]
     tl.store(ptr, tl.load(ptr, mask=mask, other=0.0) + acc * scale[:, None], mask=mask)
 
 
 def fp8_accumulate(acc, a8, b8t, row_scale, col_scale: float, cfg=(128, 128, 128, 8, 4)):
     """acc += (a8 @ b8t^T) * row_scale[:, None] * col_scale by :func:`fp8_accumulate_kernel`; ``cfg``: BLOCK_M,
-    BLOCK_N, BLOCK_K, warps, stages."""
+    BLOCK_N, BLOCK_K, warps, stages. A two-dimensional ``row_scale`` (M x cdiv(K, BLOCK_K)) scales each
+    BLOCK_K block of the product by its own column."""
     block_m, block_n, block_k, warps, stages = cfg
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     (m, k), n = a8.shape, b8t.shape[0]
+    k_scaled = row_scale.dim() == 2
+    if k_scaled and row_scale.shape != (m, triton.cdiv(k, block_k)):
+        raise ValueError(f"block scales {tuple(row_scale.shape)} for M={m}, K={k}, BLOCK_K={block_k}")
     grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
     fp8_accumulate_kernel[grid](TensorDescriptor.from_tensor(a8, [block_m, block_k]),
                                 TensorDescriptor.from_tensor(b8t, [block_n, block_k]), acc, row_scale,
-                                float(col_scale), m, n, k, acc.stride(0), UPCAST=interpret, BLOCK_M=block_m,
+                                float(col_scale), m, n, k, acc.stride(0), row_scale.stride(0) if k_scaled else 0,
+                                K_SCALED=k_scaled, UPCAST=interpret, BLOCK_M=block_m,
                                 BLOCK_N=block_n, BLOCK_K=block_k,
                                 **({} if interpret else dict(num_warps=warps, num_stages=stages)))
 
 
-def kernel_error(m: int, n: int, k: int, cfg=(128, 128, 128, 8, 4), device="cpu") -> float:
-    """:func:`fp8_accumulate`'s relative error against the same e4m3 operands multiplied in float64."""
+def kernel_error(m: int, n: int, k: int, cfg=(128, 128, 128, 8, 4), device="cpu", k_scaled=False) -> float:
+    """:func:`fp8_accumulate`'s relative error against the same e4m3 operands multiplied in float64 (with
+    ``k_scaled``, one scale per row and BLOCK_K block of K)."""
     g = torch.Generator(device=device).manual_seed(0)
     a8 = (torch.randn(m, k, device=device, generator=g) * 8).to(FP8)
     b8t = (torch.randn(n, k, device=device, generator=g) * 8).to(FP8)
     acc = torch.randn(m, n, device=device, generator=g)
-    row_scale = torch.rand(m, device=device, generator=g) + 0.5
-    want = acc.double() + (a8.double() @ b8t.double().T) * row_scale.double()[:, None] * 0.125
-    fp8_accumulate(acc, a8, b8t, row_scale, 0.125, cfg)
+    blocks = triton.cdiv(k, cfg[2])
+    row_scale = torch.rand(m, blocks if k_scaled else 1, device=device, generator=g) + 0.5
+    per_k = row_scale.double().repeat_interleave(cfg[2], dim=1)[:, :k] if k_scaled else row_scale.double()
+    want = acc.double() + ((a8.double() * per_k) @ b8t.double().T) * 0.125
+    fp8_accumulate(acc, a8, b8t, row_scale if k_scaled else row_scale[:, 0], 0.125, cfg)
     return ((acc.double() - want).norm() / want.norm()).item()
 
 
@@ -182,17 +203,25 @@ def timings(n_rows: int, piece: int, d: int) -> list:
     record("fp8_fp32_out_then_add", lambda: acc.add_(torch._scaled_mm(a8, b8t.t(), scale_a=one, scale_b=one,
                                                                        out_dtype=torch.float32)))
     record("fp8_bf16_out", lambda: torch._scaled_mm(a8, b8t.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16))
+    row_ones = torch.ones(n_rows, 1, device="cuda")
+    col_ones = torch.ones(1, d, device="cuda")
+    record("fp8_rowwise_bf16_out_then_add", lambda: acc.add_(torch._scaled_mm(
+        a8, b8t.t(), scale_a=row_ones, scale_b=col_ones, out_dtype=torch.bfloat16)))
     record("piece_to_fp8_transposed", lambda: cp.t().contiguous().to(FP8))
-    row_scale = torch.ones(n_rows, device="cuda")
-    for cfg in ((128, 128, 128, 8, 4), (128, 256, 128, 8, 3), (128, 128, 64, 4, 4), (256, 128, 128, 8, 3)):
-        try:
-            err = kernel_error(1024, 512, 1024, cfg, device="cuda")
-        except Exception as exc:  # a configuration this GPU cannot hold is reported
-            rows.append(dict(variant=f"triton_fp8_accumulate {cfg}", error=f"{type(exc).__name__}: {exc}"[:300]))
-            print(json.dumps(rows[-1]), flush=True)
-            continue
-        record(f"triton_fp8_accumulate {cfg} (rel err {err:.1e})",
-               lambda cfg=cfg: fp8_accumulate(acc, a8, b8t, row_scale, 1.0, cfg))
+    cfgs = ((128, 128, 128, 8, 4), (128, 256, 128, 8, 3), (128, 128, 64, 4, 4), (256, 128, 128, 8, 3))
+    for k_scaled in (False, True):
+        for cfg in cfgs[:2] if k_scaled else cfgs:
+            name = f"triton_fp8_accumulate{'_kscaled' if k_scaled else ''} {cfg}"
+            row_scale = torch.ones(n_rows, triton.cdiv(piece, cfg[2]) if k_scaled else 1, device="cuda")
+            row_scale = row_scale if k_scaled else row_scale[:, 0]
+            try:
+                err = kernel_error(1024, 512, 1024, cfg, device="cuda", k_scaled=k_scaled)
+            except Exception as exc:  # a configuration this GPU cannot hold is reported
+                rows.append(dict(variant=name, error=f"{type(exc).__name__}: {exc}"[:300]))
+                print(json.dumps(rows[-1]), flush=True)
+                continue
+            record(f"{name} (rel err {err:.1e})",
+                   lambda cfg=cfg, row_scale=row_scale: fp8_accumulate(acc, a8, b8t, row_scale, 1.0, cfg))
     return rows
 
 
@@ -216,6 +245,9 @@ def main():
     ap.add_argument("--real-path", default=".benchdata/real.safetensors")
     ap.add_argument("--piece", type=int, default=4096)
     ap.add_argument("--rows", type=int, default=2816, help="rows of the timed backward step (a row chunk)")
+    ap.add_argument("--acc-rows", type=int, default=0,
+                    help="measure the accuracy on the first ACC_ROWS tokens only (the float64 products at the full "
+                         "shape take minutes even on a GPU); 0: all")
     ap.add_argument("--out")
     args = ap.parse_args()
     n, d, v = parse_shape(args.shape)
@@ -223,7 +255,9 @@ def main():
     e, c, t = make_inputs(args.regime, n, d, v, dtype=torch.bfloat16, device=device, real_path=args.real_path)
     result = dict(shape=args.shape, regime=args.regime, device=str(torch.cuda.get_device_name(0)
                                                                    if device.type == "cuda" else "cpu"),
-                  torch=torch.__version__, accuracy=accuracy(e, c, t, piece=args.piece))
+                  torch=torch.__version__, acc_rows=args.acc_rows or n,
+                  accuracy=accuracy(*((e[:args.acc_rows], c, t[:args.acc_rows]) if args.acc_rows else (e, c, t)),
+                                    piece=args.piece))
     print(json.dumps(result["accuracy"]), flush=True)
     if device.type == "cuda":
         result["timings"] = timings(args.rows, args.piece, d)

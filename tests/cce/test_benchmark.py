@@ -365,3 +365,5 @@ def test_fp8_probe_kernel_accumulates_the_scaled_e4m3_product():
 
     probe = load_bench_script("cce_fp8_probe")
     assert probe.kernel_error(40, 50, 112, cfg=(16, 16, 32, 4, 2)) < 1e-6
+    # One scale per row and 32-wide block of K (four blocks, the last ragged), each applied to its block.
+    assert probe.kernel_error(40, 50, 112, cfg=(16, 16, 32, 4, 2), k_scaled=True) < 1e-6
