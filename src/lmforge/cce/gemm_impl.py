@@ -52,6 +52,7 @@ if HAS_TRITON:
     try:  # tensor descriptors (TMA on Hopper): Triton 3.4+
         from triton.tools.tensor_descriptor import TensorDescriptor
 
+        from lmforge.cce.kernels.fp8 import E4M3_MAX, fp8_accumulate_kernel, fp8_transpose_kernel
         from lmforge.cce.kernels.tma_forward import lse_tma_kernel
         from lmforge.cce.kernels.tma_grad import logit_grad_tma_kernel
     except ImportError:  # pragma: no cover - older Triton: the forward keeps cuBLAS slabs
@@ -207,6 +208,8 @@ SORTED_CHUNKS = 2
 # 46.75 against 52 MiB) and four at Llama 3 8B's and Qwen2.5 7B's. The sorted order (peaked softmax, dC's
 # error dominated by the products) is not capped.
 EXACT_MAX_CHUNKS = 4
+# The e4m3 dE product's target rows are added per sub-chunk of this many rows (fp32 temporaries).
+FP8_TARGET_ROWS = 256
 # backward_plan's price of one more (row chunk, slab piece) step, in bytes of memory traffic: ~7 launches at
 # ~40 us of host work each, ~1.3 GB at the H200's ~4.8 TB/s, against products that shrink with the step.
 STEP_BYTES = 1 << 30
@@ -249,18 +252,21 @@ def sorted_rows(n: int) -> int:
 
 
 def backward_workspace(rows: int, piece: int, d: int, *, elem_bytes: int, dz_bytes: int, gather_rows: bool,
-                       gather_cols: bool, de_acc: bool) -> int:
+                       gather_cols: bool, de_acc: bool, fp8: bool = False) -> int:
     """Bytes of :func:`backward`'s workspace for chunks of ``rows`` rows and slab pieces of ``piece`` columns:
     the logit-gradient buffer (``dz_bytes`` per entry), the fp32 dE accumulator (``de_acc``), the rows in
-    depth order (``gather_rows``) and the gathered classifier piece (``gather_cols``)."""
+    depth order (``gather_rows``), the gathered classifier piece (``gather_cols``) and, for the e4m3 dE
+    product (``fp8``), the softmax part's e4m3 copy with a scale per row and tile (at most one per 16
+    columns), the piece's e4m3 transpose and the target rows' sub-chunk (FP8_TARGET_ROWS rows, fp32)."""
     return (rows * piece * dz_bytes + (rows * d * 4 if de_acc else 0)
-            + (rows * d * elem_bytes if gather_rows else 0) + (piece * d * elem_bytes if gather_cols else 0))
+            + (rows * d * elem_bytes if gather_rows else 0) + (piece * d * elem_bytes if gather_cols else 0)
+            + (rows * piece + rows * -(-piece // 16) * 4 + piece * d + FP8_TARGET_ROWS * d * 8 if fp8 else 0))
 
 
 @functools.lru_cache(maxsize=256)
 def backward_plan(n: int, d: int, vocab: int, cols_per_slab: int, *, elem_bytes: int, dz_bytes: int,
                   gather_rows: bool, gather_cols: bool, de_acc: bool, budget: int,
-                  max_chunks: int | None = None) -> tuple[int, int]:
+                  max_chunks: int | None = None, fp8: bool = False) -> tuple[int, int]:
     """(rows per chunk, columns per piece) for :func:`backward`: the cheapest split into at most
     ``max_chunks`` row chunks whose :func:`backward_workspace` fits ``budget`` (else the cheapest that fits
     with more chunks; the smallest workspace if none does).
@@ -293,7 +299,7 @@ def backward_plan(n: int, d: int, vocab: int, cols_per_slab: int, *, elem_bytes:
             cost = (steps * (STEP_BYTES + (rows * d * 8 if de_acc else 0))
                     + n_chunks * 2 * classifier + (n_chunks - 1) * 2 * classifier)
             space = backward_workspace(rows, piece, d, elem_bytes=elem_bytes, dz_bytes=dz_bytes,
-                                       gather_rows=gather_rows, gather_cols=gather_cols, de_acc=de_acc)
+                                       gather_rows=gather_rows, gather_cols=gather_cols, de_acc=de_acc, fp8=fp8)
             over = max_chunks is not None and n_chunks > max_chunks
             if space <= budget and (fits is None or (over, cost, steps) < fits[0]):
                 fits = ((over, cost, steps), rows, piece)
@@ -784,12 +790,14 @@ def row_depths(slab_lse, lse, g_lse, g_tgt, slab_targets, cols_per_slab: int, fi
     return depth
 
 
-def _logit_grad_tma(e, c_rows, slab_bias, slab_targets, vectors, softcap, grads: dict):
-    """A function ``launch(k, c_row0, cols, start, dz)`` that writes dz (k x cols, the inputs' dtype) of e's
-    first k rows against c_rows[c_row0 : c_row0 + cols], the classifier rows at vocabulary positions
-    [start, start + cols), by :func:`logit_grad_tma_kernel` (no fp32 logit slab). The tensor descriptors and
-    launch options are made once per backward: the host's work per slab is the launch alone (at SmolLM2's
-    shape a slab's three GPU operations take ~0.2 ms, about what building them each time cost)."""
+def _logit_grad_tma(e, c_rows, slab_bias, slab_targets, vectors, softcap, grads: dict, fp8: bool = False):
+    """A function ``launch(k, c_row0, cols, start, dz, q8=None, q_scale=None)`` that writes dz (k x cols, the
+    inputs' dtype) of e's first k rows against c_rows[c_row0 : c_row0 + cols], the classifier rows at
+    vocabulary positions [start, start + cols), by :func:`logit_grad_tma_kernel` (no fp32 logit slab); with
+    ``fp8`` also dz's softmax part in e4m3 into q8 (k x cols) and its scales into q_scale (k x tiles). The
+    tensor descriptors and launch options are made once per backward: the host's work per slab is the launch
+    alone (at SmolLM2's shape a slab's three GPU operations take ~0.2 ms, about what building them each time
+    cost)."""
     d = e.shape[1]
     cfg = configs.config_for("tma", e.dtype, e.device, d)
     sms = _num_sms(e.device.index or 0) if e.is_cuda else 4
@@ -797,15 +805,18 @@ def _logit_grad_tma(e, c_rows, slab_bias, slab_targets, vectors, softcap, grads:
     c_desc = TensorDescriptor.from_tensor(c_rows, [cfg["BLOCK_V"], cfg["BLOCK_D"]])
     options = dict(D=d, HAS_BIAS=slab_bias is not None, HAS_SOFTCAP=softcap is not None, UPCAST=interpreting(),
                    BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BLOCK_D"], FLATTEN=True, **grads,
-                   **_launch_kwargs(cfg))
+                   FP8=fp8, **_launch_kwargs(cfg))
     bias = slab_bias if slab_bias is not None else e  # never read without HAS_BIAS
     cap = float(softcap) if softcap is not None else 1.0
 
-    def launch(k: int, c_row0: int, cols: int, start: int, dz: torch.Tensor):
+    def launch(k: int, c_row0: int, cols: int, start: int, dz: torch.Tensor, q8=None, q_scale=None):
         n_blocks = -(-k // cfg["BLOCK_N"])
         sub, v_per_split = tma_splits(n_blocks, 1, -(-cols // cfg["BLOCK_V"]), sms, cfg["BLOCK_V"])
-        logit_grad_tma_kernel[(n_blocks, sub)](e_desc, c_desc, dz, bias, slab_targets, *vectors,
-                                               k, cols, start, c_row0, v_per_split, dz.stride(0), cap, **options)
+        q8 = q8 if fp8 else dz  # never written without FP8
+        q_scale = q_scale if fp8 else vectors[0]
+        logit_grad_tma_kernel[(n_blocks, sub)](e_desc, c_desc, dz, bias, slab_targets, *vectors, q8, q_scale,
+                                               k, cols, start, c_row0, v_per_split, dz.stride(0), q8.stride(0),
+                                               q_scale.stride(0), cap, **options)
 
     return launch
 
@@ -839,6 +850,75 @@ def dc_workspace() -> bool:
     2's shape (calibrated) 1.033x dE + dC against the two-chunk plan's 1.076x, for 1.7 ms more forward+backward
     (44.5 against 42.9 ms; torch.compile 45.3)."""
     return os.environ.get("LMFORGE_CCE_DC_WORKSPACE", "1") != "0"
+
+
+def fp8_de() -> bool:
+    """Whether the exact backward in vocabulary order may form dE's softmax part from e4m3 products
+    (``LMFORGE_CCE_FP8_DE=1``; experimental, off by default, not yet timed on a GPU): see
+    :mod:`lmforge.cce.kernels.fp8` and :func:`fp8_de_applies`."""
+    choice = os.environ.get("LMFORGE_CCE_FP8_DE", "0")
+    if choice not in ("0", "1"):
+        raise ValueError(f"LMFORGE_CCE_FP8_DE must be 0 or 1, got {choice!r}")
+    return choice == "1"
+
+
+def fp8_de_applies(e: torch.Tensor, *, tma: bool, vocab_order: bool, need_de: bool, grads: dict) -> bool:
+    """:func:`fp8_de` where it can run: the TMA logit-gradient kernel (16-bit inputs on sm_90+, or the
+    interpreter), the exact backward in vocabulary order, dE wanted, and a loss of lse and target logits
+    (every mean or summed cross-entropy; not the z-loss's logit sum or the entropy's softmax-mean logit)."""
+    if not (fp8_de() and tma and vocab_order and need_de):
+        return False
+    if not (grads["HAS_G_LSE"] and grads["HAS_G_TGT"]) or grads["HAS_G_SUM"] or grads["HAS_G_MU"]:
+        return False
+    return interpreting() or (e.is_cuda and configs.compute_capability(e.device) >= 89)
+
+
+def _fp8_blocks(scale_k: int) -> tuple[int, int, int, dict]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, launch options) of :func:`fp8_accumulate_kernel` for tile scales every
+    ``scale_k`` columns: the probe's fastest configuration that compiled without spills for sm_90 (128 x 128 x
+    128, 8 warps, 4 stages; bench/cce_fp8_probe.py), smaller under the interpreter."""
+    if interpreting():
+        return 16, 16, min(16, scale_k), {}
+    return 128, 128, min(128, scale_k), dict(num_warps=8, num_stages=4)
+
+
+def _fp8_transpose(out: torch.Tensor, c_piece: torch.Tensor, inv_scale: float) -> None:
+    """out[:, :cols] = e4m3(c_piece^T * inv_scale) (out: D x piece, e4m3) by :func:`fp8_transpose_kernel`."""
+    cols, d = c_piece.shape
+    block_v, block_d = (16, 16) if interpreting() else (64, 64)
+    fp8_transpose_kernel[(triton.cdiv(cols, block_v), triton.cdiv(d, block_d))](
+        c_piece, out, inv_scale, cols, d, c_piece.stride(0), out.stride(0), EMULATE=interpreting(),
+        BLOCK_V=block_v, BLOCK_D=block_d)
+
+
+def _fp8_accumulate(acc: torch.Tensor, q8: torch.Tensor, q_scale: torch.Tensor, c8t: torch.Tensor,
+                    c_scale: float, scale_k: int) -> None:
+    """acc += (q8 scaled by q_scale per row and scale_k columns) @ (c8t^T * c_scale): dE's e4m3 softmax part
+    for one step, by :func:`fp8_accumulate_kernel`."""
+    (m, k), n = q8.shape, c8t.shape[0]
+    block_m, block_n, block_k, launch = _fp8_blocks(scale_k)
+    fp8_accumulate_kernel[(triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)](
+        TensorDescriptor.from_tensor(q8, [block_m, block_k]), TensorDescriptor.from_tensor(c8t, [block_n, block_k]),
+        acc, q_scale, c_scale, m, n, k, acc.stride(0), q_scale.stride(0), SCALE_K=scale_k, UPCAST=interpreting(),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **launch)
+
+
+def _add_target_rows(acc, e_rows, c, bias, targets, g_tgt, softcap) -> None:
+    """acc += g_tgt f_t C[t] row by row (f_t softcap's derivative at the target logit, recomputed in fp32 from
+    the 16-bit rows): the term the e4m3 product leaves out, added exactly, FP8_TARGET_ROWS rows at a time."""
+    vocab = c.shape[0]
+    for i in range(0, e_rows.shape[0], FP8_TARGET_ROWS):
+        t = targets[i:i + FP8_TARGET_ROWS]
+        valid = (t >= 0) & (t < vocab)
+        t = t.clamp(0, vocab - 1)
+        ct = c.index_select(0, t)
+        w = torch.where(valid, g_tgt[i:i + FP8_TARGET_ROWS].float(), 0.0)
+        if softcap is not None:
+            z = (e_rows[i:i + FP8_TARGET_ROWS].float() * ct.float()).sum(dim=1)
+            if bias is not None:
+                z += bias.index_select(0, t).float()
+            w = w * (1.0 - torch.tanh(z / softcap) ** 2)
+        acc[i:i + FP8_TARGET_ROWS].addcmul_(ct, w[:, None])
 
 
 def _through_rows(rows: int, cols_per_slab: int, d: int, tma: bool) -> int:
@@ -1024,6 +1104,9 @@ def backward(e, c, bias, targets, lse, mean_logit, g_lse, g_tgt, g_sum, g_mu, *,
     # In the sorted order each chunk's rows, gathered in depth order, live in the chunk's own rows of dE (kept
     # in depth order until the end) until its accumulator is rounded over them: no separate gathered copy.
     rows_in_de = order is not None and need_de and out_dtype == e.dtype
+    # dE's softmax part from e4m3 products (LMFORGE_CCE_FP8_DE=1, experimental): the exact backward only.
+    fp8 = fp8_de_applies(e, tma=tma, vocab_order=perm is None and order is None, need_de=need_de,
+                         grads=grads_of(g_lse, g_tgt, g_sum, g_mu))
     budget = backward_budget()
     if budget is None and (n + vocab) * d * e.element_size() < SMALL_GRAD_BYTES:
         rows, piece = n, cols_per_slab  # a small problem: one chunk of whole slabs
@@ -1036,7 +1119,7 @@ def backward(e, c, bias, targets, lse, mean_logit, g_lse, g_tgt, g_sum, g_mu, *,
                                     gather_cols=perm is not None, de_acc=need_de and not de_direct,
                                     budget=budget if budget is not None else default_budget(n, d, vocab,
                                                                                             e.element_size()),
-                                    max_chunks=EXACT_MAX_CHUNKS if perm is None else None)
+                                    max_chunks=EXACT_MAX_CHUNKS if perm is None else None, fp8=fp8)
     chunks = -(-n // rows)
     host = (_dc_host_layout(n, d, vocab, cols_per_slab, rows, counts, dz_bytes=e.element_size() if tma else 4)
             if workspace and rows_in_de and piece == cols_per_slab else None)
@@ -1059,6 +1142,15 @@ def backward(e, c, bias, targets, lse, mean_logit, g_lse, g_tgt, g_sum, g_mu, *,
     e_buffer = (torch.empty((rows, d), dtype=e.dtype, device=e.device) if order is not None and not rows_in_de
                 else None)
     grads = grads_of(g_lse, g_tgt, g_sum, g_mu)
+    q8 = q_scale = c8t = None
+    if fp8:  # the softmax part's e4m3 copy (scaled per row and tile), the piece's e4m3 transpose, C's scale
+        scale_k = configs.config_for("tma", e.dtype, e.device, d)["BLOCK_V"]
+        width = -(-piece // 16) * 16  # rows of e4m3 operands 16-byte aligned, as tensor descriptors need
+        q8 = torch.empty((rows, width), dtype=torch.float8_e4m3fn, device=e.device)
+        q_scale = torch.empty((rows, -(-piece // scale_k)), dtype=torch.float32, device=e.device)
+        c8t = torch.empty((d, width), dtype=torch.float8_e4m3fn, device=e.device)
+        # One host sync for C's largest entry: its scale maps C onto e4m3's range.
+        c_scale = max(float(torch.linalg.vector_norm(c, float("inf"))), 1e-30) / E4M3_MAX
     dz = c_slab = dc_slab = grad_tma = None
     for chunk in range(chunks):
         r0 = chunk * rows
@@ -1074,7 +1166,7 @@ def backward(e, c, bias, targets, lse, mean_logit, g_lse, g_tgt, g_sum, g_mu, *,
         # the gathered buffer (sorted order).
         if tma:
             grad_tma = _logit_grad_tma(e_chunk, c if perm is None else c_buffer, slab_bias, chunk_targets,
-                                       chunk_vectors, softcap, grads)
+                                       chunk_vectors, softcap, grads, fp8=fp8)
         for index, slab_start in enumerate(range(0, vocab, cols_per_slab)):
             k = min(max(counts[index] - r0, 0), m)  # the chunk's rows 0 .. k-1 visit this slab
             if k == 0 and chunk > 0:
@@ -1091,11 +1183,15 @@ def backward(e, c, bias, targets, lse, mean_logit, g_lse, g_tgt, g_sum, g_mu, *,
                     c_slab = _classifier_slab(c, perm, start, cols, c_buffer)
                     if tma:
                         dz = buffer[: k * cols].view(k, cols)
-                        grad_tma(k, start if perm is None else 0, cols, start, dz)
+                        grad_tma(k, start if perm is None else 0, cols, start, dz,
+                                 *((q8[:k, :cols], q_scale[:k]) if fp8 else ()))
                     else:
                         dz = _slab_dz(buffer, k, cols, start, e_chunk, c_slab, slab_bias, chunk_targets,
                                       chunk_vectors, softcap, grads, cfg)
-                    if acc is not None:
+                    if fp8:  # the softmax part in e4m3; the target rows are added once per chunk, below
+                        _fp8_transpose(c8t[:, :cols], c_slab, 1.0 / c_scale)
+                        _fp8_accumulate(acc[:k], q8[:k, :cols], q_scale[:k], c8t[:, :cols], c_scale, scale_k)
+                    elif acc is not None:
                         _accumulate_matmul(acc[:k], dz, c_slab)
                     if dc_slab is not None:  # after dE: in the sorted order it overwrites the gathered c_slab
                         if chunk == 0 or perm is not None:
@@ -1111,6 +1207,8 @@ def backward(e, c, bias, targets, lse, mean_logit, g_lse, g_tgt, g_sum, g_mu, *,
                 if dc_slab is not None and perm is not None:  # back to the vocabulary's rows (int32 indices);
                     # after the first chunk the chunk's part, rounded, is added to the earlier chunks' sum
                     scatter_rows(dc, perm[start:start + cols], dc_slab, add=chunk > 0)
+        if fp8:
+            _add_target_rows(acc, e_chunk, c, slab_bias, chunk_targets, chunk_vectors[3], softcap)
         # The chunk's dE, rounded once: into its own rows of dE (the tokens' rows, or in depth order over the
         # gathered rows), else (sorted order, dE in another dtype) scattered into the tokens' rows.
         if rows_in_de or (de32 is not None and chunks > 1 and order is None):
@@ -1121,7 +1219,7 @@ def backward(e, c, bias, targets, lse, mean_logit, g_lse, g_tgt, g_sum, g_mu, *,
             de.index_copy_(0, order[r0:r0 + m], rounded.copy_(de32[:m]))
     # Free the workspace (the views hold the slab's storage) and the permuted rows before a single chunk's
     # dE is converted, so that the conversion's copies do not add to the slab's peak.
-    dz = e_chunk = c_slab = dc_slab = buffer = c_buffer = e_buffer = grad_tma = acc = None
+    dz = e_chunk = c_slab = dc_slab = buffer = c_buffer = e_buffer = grad_tma = acc = q8 = q_scale = c8t = None
     if de32 is not None and chunks == 1 and not rows_in_de:
         de = de32.to(out_dtype)
     de32 = None

@@ -14,23 +14,29 @@ Reads: E's rows once per tile and C's slab rows once per row block (2 (BLOCK_N +
 tile, mostly from L2), six fp32 vectors per row. Writes: dz, 2 N S bytes (half the fp32 slab it replaces,
 which was also read back). FLOPs: 2 N S D per slab, the same products cuBLAS computed; the two products
 that follow (dE += dz C, dC = dz^T E) stay with cuBLAS.
+
+With ``FP8`` (for the lse and target-logit gradients together, and only those) the kernel also writes the softmax part of dz,
+f g_lse p (the target's g_tgt term left out), in e4m3 to Q8, each row of each BLOCK_V-column tile scaled by
+its own maximum to e4m3's range, the scale to QScale[row, tile]: the operand of the e4m3 dE product
+(:mod:`lmforge.cce.kernels.fp8`).
 """
 
 import triton
 import triton.language as tl
 
-from lmforge.cce.kernels.slab import logit_grad, row_grad_inputs
+from lmforge.cce.kernels.fp8 import E4M3, to_e4m3
+from lmforge.cce.kernels.slab import _capped, logit_grad, row_grad_inputs
 from lmforge.cce.kernels.tma_forward import row_block
 
 
 @triton.jit
 def logit_grad_tma_kernel(
-    e_desc, c_desc, DZ, Bias, Targets, Lse, Mu, G_lse, G_tgt, G_sum, G_mu,
-    N, slab_cols, slab_start, c_row0, v_per_split, stride_dzn, softcap,
+    e_desc, c_desc, DZ, Bias, Targets, Lse, Mu, G_lse, G_tgt, G_sum, G_mu, Q8, QScale,
+    N, slab_cols, slab_start, c_row0, v_per_split, stride_dzn, stride_q8, stride_qs, softcap,
     D: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_G_LSE: tl.constexpr, HAS_G_TGT: tl.constexpr, HAS_G_SUM: tl.constexpr, HAS_G_MU: tl.constexpr,
     UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-    FLATTEN: tl.constexpr,
+    FLATTEN: tl.constexpr, FP8: tl.constexpr,
 ):
     row0, rows, row_ok, targets = row_block(Targets, N, tl.program_id(0), BLOCK_N)
     lse, mu, g_lse, g_tgt, g_sum, g_mu = row_grad_inputs(rows, row_ok, Lse, Mu, G_lse, G_tgt, G_sum, G_mu,
@@ -49,7 +55,24 @@ def logit_grad_tma_kernel(
                 acc = tl.dot(a.to(tl.float32), b.to(tl.float32).T, acc, input_precision="ieee")
             else:
                 acc = tl.dot(a, b.T, acc)
-        dz = logit_grad(acc, Bias, slab_start + slot, col_ok, targets, lse, mu, g_lse, g_tgt, g_sum, g_mu,
-                        softcap, HAS_BIAS, HAS_SOFTCAP, HAS_G_LSE, HAS_G_TGT, HAS_G_SUM, HAS_G_MU)
-        tl.store(DZ + rows64 * stride_dzn + slot[None, :], dz.to(DZ.dtype.element_ty),
-                 mask=row_ok[:, None] & col_ok[None, :])
+        mask = row_ok[:, None] & col_ok[None, :]
+        if FP8:  # dz = q + f g_tgt [col == target] with q = f g_lse p, q's tile in e4m3 as well
+            z, th = _capped(acc, Bias, slab_start + slot, col_ok, softcap, HAS_BIAS, HAS_SOFTCAP)
+            q = g_lse[:, None] * tl.exp(z - lse[:, None])
+            hit = slab_start + slot[None, :] == targets[:, None]
+            g_hit = g_tgt  # the target term's weight, f at the target folded in below (one column per row)
+            if HAS_SOFTCAP:
+                f = 1.0 - th * th
+                q *= f
+                g_hit = g_tgt * tl.sum(tl.where(hit, f, 0.0), axis=1)
+            q = tl.where(mask, q, 0.0)  # only q stays live from here: the spills would cost more than the sum
+            tl.store(DZ + rows64 * stride_dzn + slot[None, :],
+                     (q + tl.where(hit, g_hit[:, None], 0.0)).to(DZ.dtype.element_ty), mask=mask)
+            amax = tl.max(tl.abs(q), axis=1)
+            scale = tl.where(amax > 0, amax / E4M3, 1.0)
+            tl.store(Q8 + rows64 * stride_q8 + slot[None, :], to_e4m3(q / scale[:, None], UPCAST), mask=mask)
+            tl.store(QScale + rows * stride_qs + v0 // BLOCK_V, scale, mask=row_ok)
+        else:
+            dz = logit_grad(acc, Bias, slab_start + slot, col_ok, targets, lse, mu, g_lse, g_tgt, g_sum, g_mu,
+                            softcap, HAS_BIAS, HAS_SOFTCAP, HAS_G_LSE, HAS_G_TGT, HAS_G_SUM, HAS_G_MU)
+            tl.store(DZ + rows64 * stride_dzn + slot[None, :], dz.to(DZ.dtype.element_ty), mask=mask)
