@@ -33,10 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
 from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402
 
 from lmforge.cce import gemm_impl, linear_cross_entropy  # noqa: E402
+from lmforge.cce.kernels.fp8 import fp8_accumulate_kernel  # noqa: E402
 from lmforge.cce.benchmark import _rel, float64_reference, parse_shape, torch_loss  # noqa: E402
 from lmforge.cce.regimes import make_inputs  # noqa: E402
 
@@ -47,61 +47,23 @@ FP8_MAX = torch.finfo(FP8).max
 EST = math.sqrt(2) * 2.0 ** -4 / math.sqrt(3)
 
 
-@triton.jit
-def fp8_accumulate_kernel(a_desc, b_desc, Acc, RowScale, col_scale, M, N, K, stride_acc, stride_scale,
-                          K_SCALED: tl.constexpr, UPCAST: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Acc[M, N] += (A B^T) * RowScale[:, None] * col_scale for e4m3 A (M x K) and B (N x K, K-major), by
-    tensor descriptors; one program per output tile, the accumulator read, added to and written in the
-    epilogue. With K_SCALED, RowScale is M x cdiv(K, BLOCK_K) (row stride ``stride_scale``): one scale per
-    row and BLOCK_K-wide block of K, each block's product scaled as it is added (what a logit gradient
-    quantised tile by tile, without knowing the row's maximum beforehand, needs)."""
-    pid = tl.program_id(0)
-    n_tiles_n = tl.cdiv(N, BLOCK_N)
-    pid_m, pid_n = pid // n_tiles_n, pid % n_tiles_n
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for k in tl.range(0, K, BLOCK_K):
-        a = a_desc.load([pid_m * BLOCK_M, k])
-        b = b_desc.load([pid_n * BLOCK_N, k])
-        if K_SCALED:  # each block's product apart, scaled as it is added
-            if UPCAST:  # the interpreter: the products of the e4m3 values, in fp32
-                part = tl.dot(a.to(tl.float32), b.to(tl.float32).T, input_precision="ieee")
-            else:
-                part = tl.dot(a, b.T)
-            block_scale = tl.load(RowScale + rows * stride_scale + k // BLOCK_K, mask=rows < M, other=0.0)
-            acc += part * block_scale[:, None]
-        elif UPCAST:
-            acc = tl.dot(a.to(tl.float32), b.to(tl.float32).T, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b.T, acc)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = (rows < M)[:, None] & (cols < N)[None, :]
-    if K_SCALED:
-        scale = tl.full((BLOCK_M,), 1.0, tl.float32) * col_scale
-    else:
-        scale = tl.load(RowScale + rows, mask=rows < M, other=0.0) * col_scale
-    ptr = Acc + rows[:, None].to(tl.int64) * stride_acc + cols[None, :]
-    tl.store(ptr, tl.load(ptr, mask=mask, other=0.0) + acc * scale[:, None], mask=mask)
-
-
 def fp8_accumulate(acc, a8, b8t, row_scale, col_scale: float, cfg=(128, 128, 128, 8, 4)):
-    """acc += (a8 @ b8t^T) * row_scale[:, None] * col_scale by :func:`fp8_accumulate_kernel`; ``cfg``: BLOCK_M,
-    BLOCK_N, BLOCK_K, warps, stages. A two-dimensional ``row_scale`` (M x cdiv(K, BLOCK_K)) scales each
-    BLOCK_K block of the product by its own column."""
+    """acc += (a8 @ b8t^T) * row_scale[:, None] * col_scale by lmforge's :func:`fp8_accumulate_kernel`;
+    ``cfg``: BLOCK_M, BLOCK_N, BLOCK_K, warps, stages. A two-dimensional ``row_scale`` (M x cdiv(K, BLOCK_K))
+    scales each BLOCK_K block of the product by its own column (the backward's way)."""
     block_m, block_n, block_k, warps, stages = cfg
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     (m, k), n = a8.shape, b8t.shape[0]
     k_scaled = row_scale.dim() == 2
     if k_scaled and row_scale.shape != (m, triton.cdiv(k, block_k)):
         raise ValueError(f"block scales {tuple(row_scale.shape)} for M={m}, K={k}, BLOCK_K={block_k}")
+    scale = row_scale if k_scaled else row_scale[:, None]
     grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
     fp8_accumulate_kernel[grid](TensorDescriptor.from_tensor(a8, [block_m, block_k]),
-                                TensorDescriptor.from_tensor(b8t, [block_n, block_k]), acc, row_scale,
-                                float(col_scale), m, n, k, acc.stride(0), row_scale.stride(0) if k_scaled else 0,
-                                K_SCALED=k_scaled, UPCAST=interpret, BLOCK_M=block_m,
-                                BLOCK_N=block_n, BLOCK_K=block_k,
-                                **({} if interpret else dict(num_warps=warps, num_stages=stages)))
+                                TensorDescriptor.from_tensor(b8t, [block_n, block_k]), acc, scale,
+                                float(col_scale), m, n, k, acc.stride(0), scale.stride(0), SCALE_K=block_k,
+                                PER_BLOCK=k_scaled, UPCAST=interpret, BLOCK_M=block_m, BLOCK_N=block_n,
+                                BLOCK_K=block_k, **({} if interpret else dict(num_warps=warps, num_stages=stages)))
 
 
 def kernel_error(m: int, n: int, k: int, cfg=(128, 128, 128, 8, 4), device="cpu", k_scaled=False) -> float:

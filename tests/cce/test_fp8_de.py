@@ -131,7 +131,7 @@ def test_fp8_de_workspace_is_counted_in_the_plan():
     # The e4m3 copies take room in the budget: at Gemma 2's shape the plan that fits the default budget with
     # them has no more rows x columns per step than the one without.
     n, d, v = 8192, 2304, 256000
-    cols = gemm_impl.slab_columns(n, v)
+    cols = gemm_impl.slab_columns(n, v, gemm_impl.DEFAULT_SLAB_BYTES)
     kw = dict(elem_bytes=2, dz_bytes=2, gather_rows=False, gather_cols=False, de_acc=True,
               budget=gemm_impl.default_budget(n, d, v, 2), max_chunks=gemm_impl.EXACT_MAX_CHUNKS)
     rows, piece = gemm_impl.backward_plan(n, d, v, cols, **kw)

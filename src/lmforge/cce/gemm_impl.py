@@ -899,7 +899,8 @@ def _fp8_accumulate(acc: torch.Tensor, q8: torch.Tensor, q_scale: torch.Tensor, 
     block_m, block_n, block_k, launch = _fp8_blocks(scale_k)
     fp8_accumulate_kernel[(triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)](
         TensorDescriptor.from_tensor(q8, [block_m, block_k]), TensorDescriptor.from_tensor(c8t, [block_n, block_k]),
-        acc, q_scale, c_scale, m, n, k, acc.stride(0), q_scale.stride(0), SCALE_K=scale_k, UPCAST=interpreting(),
+        acc, q_scale, c_scale, m, n, k, acc.stride(0), q_scale.stride(0), SCALE_K=scale_k, PER_BLOCK=True,
+        UPCAST=interpreting(),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **launch)
 
 

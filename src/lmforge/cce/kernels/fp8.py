@@ -46,12 +46,13 @@ def fp8_transpose_kernel(C, Out, inv_scale, cols, D, stride_c, stride_out, EMULA
 
 @triton.jit
 def fp8_accumulate_kernel(a_desc, b_desc, Acc, Scale, col_scale, M, N, K, stride_acc, stride_scale,
-                          SCALE_K: tl.constexpr, UPCAST: tl.constexpr,
+                          SCALE_K: tl.constexpr, PER_BLOCK: tl.constexpr, UPCAST: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Acc[M, N] += sum_k A[:, k] B[:, k]^T Scale[:, k // SCALE_K] * col_scale for e4m3 A (M x K) and B
-    (N x K, K contiguous), read by tensor descriptors. Each BLOCK_K block's product is formed on its own and
-    scaled by its rows' scales as it is added (BLOCK_K divides SCALE_K); the fp32 accumulator is read,
-    added to and written once, in the epilogue."""
+    (N x K, K contiguous), read by tensor descriptors. With ``PER_BLOCK`` each BLOCK_K block's product is
+    formed on its own and scaled by its rows' scales as it is added (BLOCK_K divides SCALE_K); without, the
+    scale is one per row (column 0 of Scale), applied once in the epilogue, and the products chain in one
+    accumulator. The fp32 accumulator is read, added to and written once, in the epilogue."""
     pid = tl.program_id(0)
     n_tiles_n = tl.cdiv(N, BLOCK_N)
     pid_m, pid_n = pid // n_tiles_n, pid % n_tiles_n
@@ -62,11 +63,20 @@ def fp8_accumulate_kernel(a_desc, b_desc, Acc, Scale, col_scale, M, N, K, stride
         a = a_desc.load([pid_m * BLOCK_M, k])
         b = b_desc.load([pid_n * BLOCK_N, k])
         if UPCAST:  # the interpreter: the e4m3 values' exact products, in fp32
-            part = tl.dot(a.to(tl.float32), b.to(tl.float32).T, input_precision="ieee")
+            a, b = a.to(tl.float32), b.to(tl.float32)
+        if PER_BLOCK:
+            if UPCAST:
+                part = tl.dot(a, b.T, input_precision="ieee")
+            else:
+                part = tl.dot(a, b.T)
+            scale = tl.load(Scale + rows * stride_scale + k // SCALE_K, mask=row_ok, other=0.0)
+            acc += part * scale[:, None]
+        elif UPCAST:
+            acc = tl.dot(a, b.T, acc, input_precision="ieee")
         else:
-            part = tl.dot(a, b.T)
-        scale = tl.load(Scale + rows * stride_scale + k // SCALE_K, mask=row_ok, other=0.0)
-        acc += part * scale[:, None]
+            acc = tl.dot(a, b.T, acc)
+    if not PER_BLOCK:
+        acc *= tl.load(Scale + rows * stride_scale, mask=row_ok, other=0.0)[:, None]
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = row_ok[:, None] & (cols < N)[None, :]
     ptr = Acc + rows[:, None].to(tl.int64) * stride_acc + cols[None, :]

@@ -15,10 +15,10 @@ tile, mostly from L2), six fp32 vectors per row. Writes: dz, 2 N S bytes (half t
 which was also read back). FLOPs: 2 N S D per slab, the same products cuBLAS computed; the two products
 that follow (dE += dz C, dC = dz^T E) stay with cuBLAS.
 
-With ``FP8`` (for the lse and target-logit gradients together, and only those) the kernel also writes the softmax part of dz,
-f g_lse p (the target's g_tgt term left out), in e4m3 to Q8, each row of each BLOCK_V-column tile scaled by
-its own maximum to e4m3's range, the scale to QScale[row, tile]: the operand of the e4m3 dE product
-(:mod:`lmforge.cce.kernels.fp8`).
+With ``FP8`` (for the lse and target-logit gradients together, and only those) the kernel also writes the
+softmax part of dz, f g_lse p (the target's g_tgt term left out), in e4m3 to Q8, each row of each
+BLOCK_V-column tile scaled by its own maximum to e4m3's range, the scale to QScale[row, tile]: the operand
+of the e4m3 dE product (:mod:`lmforge.cce.kernels.fp8`).
 """
 
 import triton
