@@ -900,8 +900,7 @@ def _fp8_accumulate(acc: torch.Tensor, q8: torch.Tensor, q_scale: torch.Tensor, 
     fp8_accumulate_kernel[(triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)](
         TensorDescriptor.from_tensor(q8, [block_m, block_k]), TensorDescriptor.from_tensor(c8t, [block_n, block_k]),
         acc, q_scale, c_scale, m, n, k, acc.stride(0), q_scale.stride(0), SCALE_K=scale_k, PER_BLOCK=True,
-        UPCAST=interpreting(),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **launch)
+        UPCAST=interpreting(), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **launch)
 
 
 def _add_target_rows(acc, e_rows, c, bias, targets, g_tgt, softcap) -> None:
@@ -920,6 +919,63 @@ def _add_target_rows(acc, e_rows, c, bias, targets, g_tgt, softcap) -> None:
                 z += bias.index_select(0, t).float()
             w = w * (1.0 - torch.tanh(z / softcap) ** 2)
         acc[i:i + FP8_TARGET_ROWS].addcmul_(ct, w[:, None])
+
+
+def _backward_fp8(e, c, bias, targets, vectors, softcap, cols_per_slab: int, *, out_dtype, need_dc: bool,
+                  need_db: bool):
+    """:func:`backward`'s exact cross-entropy backward in vocabulary order with dE's softmax part from e4m3
+    products (:func:`fp8_de_applies`). Pieces of the vocabulary outer, row chunks inner, so that each
+    classifier piece is transposed into e4m3 once; per (piece, chunk) step the TMA kernel writes dz (for dC,
+    db) and its softmax part in e4m3 with a scale per row and tile, dC's piece is formed (the first chunk) or
+    added to (the others) as in :func:`backward`, and the e4m3 product is added straight into dE (its own
+    dtype: no fp32 accumulator; on a flat softmax the part summed there is a few % of dE, so bf16 sums of
+    its pieces stay far inside the bound). At the end the target rows, g_tgt f_t C[t] (most of dE), are added
+    in fp32 and each row of dE is rounded once more. Returns (dE, dC, db)."""
+    n, d = e.shape
+    vocab = c.shape[0]
+    rows, piece = backward_plan(n, d, vocab, cols_per_slab, elem_bytes=e.element_size(),
+                                dz_bytes=e.element_size(), gather_rows=False, gather_cols=False, de_acc=False,
+                                budget=backward_budget() or default_budget(n, d, vocab, e.element_size()),
+                                max_chunks=EXACT_MAX_CHUNKS, fp8=True)
+    chunks = -(-n // rows)
+    grads = grads_of(*vectors[2:4], None, None)
+    scale_k = configs.config_for("tma", e.dtype, e.device, d)["BLOCK_V"]
+    width = -(-piece // 16) * 16  # rows of e4m3 operands 16-byte aligned, as tensor descriptors need
+    buffer = torch.empty(rows * piece, dtype=e.dtype, device=e.device)
+    q8 = torch.empty((rows, width), dtype=torch.float8_e4m3fn, device=e.device)
+    q_scale = torch.empty((rows, -(-piece // scale_k)), dtype=torch.float32, device=e.device)
+    c8t = torch.empty((d, width), dtype=torch.float8_e4m3fn, device=e.device)
+    # One host sync for C's largest entry: its scale maps C onto e4m3's range.
+    c_scale = max(float(torch.linalg.vector_norm(c, float("inf"))), 1e-30) / E4M3_MAX
+    de = torch.zeros((n, d), dtype=out_dtype, device=e.device)
+    dc = torch.empty_like(c, memory_format=torch.contiguous_format) if need_dc else None
+    db32 = torch.zeros(vocab, dtype=torch.float32, device=c.device) if need_db else None
+    spans = [(r0, min(rows, n - r0)) for r0 in range(0, n, rows)]
+    launches = [_logit_grad_tma(e[r0:r0 + m], c, bias, targets[r0:r0 + m], tuple(v[r0:r0 + m] for v in vectors),
+                                softcap, grads, fp8=True) for r0, m in spans]
+    for start in range(0, vocab, piece):  # no filtering: slabs do not matter here, only the pieces' width
+        cols = min(piece, vocab - start)
+        c_piece = c[start:start + cols]
+        _fp8_transpose(c8t[:, :cols], c_piece, 1.0 / c_scale)
+        for chunk, ((r0, m), launch) in enumerate(zip(spans, launches)):
+            dz = buffer[: m * cols].view(m, cols)
+            launch(m, start, cols, start, dz, q8[:m, :cols], q_scale[:m])
+            _fp8_accumulate(de[r0:r0 + m], q8[:m, :cols], q_scale[:m], c8t[:, :cols], c_scale, scale_k)
+            if dc is not None:
+                if chunk == 0:
+                    torch.mm(dz.t(), e[r0:r0 + m], out=dc[start:start + cols])
+                else:
+                    dc[start:start + cols].addmm_(dz.t(), e[r0:r0 + m])
+            if db32 is not None:
+                db32[start:start + cols] += dz.sum(dim=0, dtype=torch.float32)
+    dz = buffer = q8 = q_scale = c8t = None
+    for i in range(0, n, FP8_TARGET_ROWS):
+        part = de[i:i + FP8_TARGET_ROWS]
+        total = part.float()
+        _add_target_rows(total, e[i:i + FP8_TARGET_ROWS], c, bias, targets[i:i + FP8_TARGET_ROWS],
+                         vectors[3][i:i + FP8_TARGET_ROWS], softcap)
+        part.copy_(total)
+    return de, dc, db32.to(bias.dtype) if need_db else None
 
 
 def _through_rows(rows: int, cols_per_slab: int, d: int, tma: bool) -> int:
@@ -1106,8 +1162,10 @@ def backward(e, c, bias, targets, lse, mean_logit, g_lse, g_tgt, g_sum, g_mu, *,
     # in depth order until the end) until its accumulator is rounded over them: no separate gathered copy.
     rows_in_de = order is not None and need_de and out_dtype == e.dtype
     # dE's softmax part from e4m3 products (LMFORGE_CCE_FP8_DE=1, experimental): the exact backward only.
-    fp8 = fp8_de_applies(e, tma=tma, vocab_order=perm is None and order is None, need_de=need_de,
-                         grads=grads_of(g_lse, g_tgt, g_sum, g_mu))
+    if fp8_de_applies(e, tma=tma, vocab_order=perm is None and order is None, need_de=need_de,
+                      grads=grads_of(g_lse, g_tgt, g_sum, g_mu)):
+        return _backward_fp8(e, c, bias, targets, vectors, softcap, cols_per_slab, out_dtype=out_dtype,
+                             need_dc=need_dc, need_db=need_db)
     budget = backward_budget()
     if budget is None and (n + vocab) * d * e.element_size() < SMALL_GRAD_BYTES:
         rows, piece = n, cols_per_slab  # a small problem: one chunk of whole slabs
@@ -1120,7 +1178,7 @@ def backward(e, c, bias, targets, lse, mean_logit, g_lse, g_tgt, g_sum, g_mu, *,
                                     gather_cols=perm is not None, de_acc=need_de and not de_direct,
                                     budget=budget if budget is not None else default_budget(n, d, vocab,
                                                                                             e.element_size()),
-                                    max_chunks=EXACT_MAX_CHUNKS if perm is None else None, fp8=fp8)
+                                    max_chunks=EXACT_MAX_CHUNKS if perm is None else None)
     chunks = -(-n // rows)
     host = (_dc_host_layout(n, d, vocab, cols_per_slab, rows, counts, dz_bytes=e.element_size() if tma else 4)
             if workspace and rows_in_de and piece == cols_per_slab else None)
@@ -1143,15 +1201,6 @@ def backward(e, c, bias, targets, lse, mean_logit, g_lse, g_tgt, g_sum, g_mu, *,
     e_buffer = (torch.empty((rows, d), dtype=e.dtype, device=e.device) if order is not None and not rows_in_de
                 else None)
     grads = grads_of(g_lse, g_tgt, g_sum, g_mu)
-    q8 = q_scale = c8t = None
-    if fp8:  # the softmax part's e4m3 copy (scaled per row and tile), the piece's e4m3 transpose, C's scale
-        scale_k = configs.config_for("tma", e.dtype, e.device, d)["BLOCK_V"]
-        width = -(-piece // 16) * 16  # rows of e4m3 operands 16-byte aligned, as tensor descriptors need
-        q8 = torch.empty((rows, width), dtype=torch.float8_e4m3fn, device=e.device)
-        q_scale = torch.empty((rows, -(-piece // scale_k)), dtype=torch.float32, device=e.device)
-        c8t = torch.empty((d, width), dtype=torch.float8_e4m3fn, device=e.device)
-        # One host sync for C's largest entry: its scale maps C onto e4m3's range.
-        c_scale = max(float(torch.linalg.vector_norm(c, float("inf"))), 1e-30) / E4M3_MAX
     dz = c_slab = dc_slab = grad_tma = None
     for chunk in range(chunks):
         r0 = chunk * rows
@@ -1167,7 +1216,7 @@ def backward(e, c, bias, targets, lse, mean_logit, g_lse, g_tgt, g_sum, g_mu, *,
         # the gathered buffer (sorted order).
         if tma:
             grad_tma = _logit_grad_tma(e_chunk, c if perm is None else c_buffer, slab_bias, chunk_targets,
-                                       chunk_vectors, softcap, grads, fp8=fp8)
+                                       chunk_vectors, softcap, grads)
         for index, slab_start in enumerate(range(0, vocab, cols_per_slab)):
             k = min(max(counts[index] - r0, 0), m)  # the chunk's rows 0 .. k-1 visit this slab
             if k == 0 and chunk > 0:
@@ -1184,15 +1233,11 @@ def backward(e, c, bias, targets, lse, mean_logit, g_lse, g_tgt, g_sum, g_mu, *,
                     c_slab = _classifier_slab(c, perm, start, cols, c_buffer)
                     if tma:
                         dz = buffer[: k * cols].view(k, cols)
-                        grad_tma(k, start if perm is None else 0, cols, start, dz,
-                                 *((q8[:k, :cols], q_scale[:k]) if fp8 else ()))
+                        grad_tma(k, start if perm is None else 0, cols, start, dz)
                     else:
                         dz = _slab_dz(buffer, k, cols, start, e_chunk, c_slab, slab_bias, chunk_targets,
                                       chunk_vectors, softcap, grads, cfg)
-                    if fp8:  # the softmax part in e4m3; the target rows are added once per chunk, below
-                        _fp8_transpose(c8t[:, :cols], c_slab, 1.0 / c_scale)
-                        _fp8_accumulate(acc[:k], q8[:k, :cols], q_scale[:k], c8t[:, :cols], c_scale, scale_k)
-                    elif acc is not None:
+                    if acc is not None:
                         _accumulate_matmul(acc[:k], dz, c_slab)
                     if dc_slab is not None:  # after dE: in the sorted order it overwrites the gathered c_slab
                         if chunk == 0 or perm is not None:
@@ -1208,8 +1253,6 @@ def backward(e, c, bias, targets, lse, mean_logit, g_lse, g_tgt, g_sum, g_mu, *,
                 if dc_slab is not None and perm is not None:  # back to the vocabulary's rows (int32 indices);
                     # after the first chunk the chunk's part, rounded, is added to the earlier chunks' sum
                     scatter_rows(dc, perm[start:start + cols], dc_slab, add=chunk > 0)
-        if fp8:
-            _add_target_rows(acc, e_chunk, c, slab_bias, chunk_targets, chunk_vectors[3], softcap)
         # The chunk's dE, rounded once: into its own rows of dE (the tokens' rows, or in depth order over the
         # gathered rows), else (sorted order, dE in another dtype) scattered into the tokens' rows.
         if rows_in_de or (de32 is not None and chunks > 1 and order is None):
@@ -1220,7 +1263,7 @@ def backward(e, c, bias, targets, lse, mean_logit, g_lse, g_tgt, g_sum, g_mu, *,
             de.index_copy_(0, order[r0:r0 + m], rounded.copy_(de32[:m]))
     # Free the workspace (the views hold the slab's storage) and the permuted rows before a single chunk's
     # dE is converted, so that the conversion's copies do not add to the slab's peak.
-    dz = e_chunk = c_slab = dc_slab = buffer = c_buffer = e_buffer = grad_tma = acc = q8 = q_scale = c8t = None
+    dz = e_chunk = c_slab = dc_slab = buffer = c_buffer = e_buffer = grad_tma = acc = None
     if de32 is not None and chunks == 1 and not rows_in_de:
         de = de32.to(out_dtype)
     de32 = None
