@@ -296,7 +296,8 @@ def backward_plan(n: int, d: int, vocab: int, cols_per_slab: int, *, elem_bytes:
             if parts > 1 and n_parts != parts:
                 continue  # the same piece width as fewer parts
             steps = n_chunks * n_slab * n_parts
-            cost = (steps * (STEP_BYTES + (rows * d * 8 if de_acc else 0))
+            # dE's rows read and written per step: the fp32 accumulator, or dE itself (16-bit) on the e4m3 path
+            cost = (steps * (STEP_BYTES + (rows * d * 8 if de_acc else rows * d * 2 * elem_bytes if fp8 else 0))
                     + n_chunks * 2 * classifier + (n_chunks - 1) * 2 * classifier)
             space = backward_workspace(rows, piece, d, elem_bytes=elem_bytes, dz_bytes=dz_bytes,
                                        gather_rows=gather_rows, gather_cols=gather_cols, de_acc=de_acc, fp8=fp8)
