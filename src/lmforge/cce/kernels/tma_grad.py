@@ -17,7 +17,8 @@ that follow (dE += dz C, dC = dz^T E) stay with cuBLAS.
 
 With ``FP8`` (for the lse and target-logit gradients together, and only those) the kernel also writes the
 softmax part of dz, f g_lse p (the target's g_tgt term left out), in e4m3 to Q8, each row of each
-BLOCK_V-column tile scaled by its own maximum to e4m3's range, the scale to QScale[row, tile]: the operand
+BLOCK_V-column tile scaled to e4m3's range by a bound from the tile's largest logit, the scale to
+QScale[row, tile]: the operand
 of the e4m3 dE product (:mod:`lmforge.cce.kernels.fp8`).
 """
 
@@ -58,19 +59,23 @@ def logit_grad_tma_kernel(
         mask = row_ok[:, None] & col_ok[None, :]
         if FP8:  # dz = q + f g_tgt [col == target] with q = f g_lse p, q's tile in e4m3 as well
             z, th = _capped(acc, Bias, slab_start + slot, col_ok, softcap, HAS_BIAS, HAS_SOFTCAP)
-            q = g_lse[:, None] * tl.exp(z - lse[:, None])
             hit = slab_start + slot[None, :] == targets[:, None]
             g_hit = g_tgt  # the target term's weight, f at the target folded in below (one column per row)
+            # Each row's e4m3 scale from the tile's largest logit: |q| <= |g_lse| exp(z_max - lse) (f <= 1; equal
+            # without softcap), so q is quantised as it is formed, with no pass over q first. Compiled for
+            # sm_90 (Triton 3.9) this order spills 72 registers; a pass for q's maximum, 104 (the shipped
+            # kernel, FP8 off, none): q's tile, dz's and their stores' layout changes exceed the 255 registers.
+            z_max = tl.max(tl.where(mask, z, -float("inf")), axis=1)
+            bound = tl.abs(g_lse) * tl.exp(z_max - lse)
+            scale = tl.where(bound > 0, bound / E4M3, 1.0)
+            q = g_lse[:, None] * tl.exp(z - lse[:, None])
             if HAS_SOFTCAP:
                 f = 1.0 - th * th
                 q *= f
                 g_hit = g_tgt * tl.sum(tl.where(hit, f, 0.0), axis=1)
-            q = tl.where(mask, q, 0.0)  # only q stays live from here: the spills would cost more than the sum
+            tl.store(Q8 + rows64 * stride_q8 + slot[None, :], to_e4m3(q / scale[:, None], UPCAST), mask=mask)
             tl.store(DZ + rows64 * stride_dzn + slot[None, :],
                      (q + tl.where(hit, g_hit[:, None], 0.0)).to(DZ.dtype.element_ty), mask=mask)
-            amax = tl.max(tl.abs(q), axis=1)
-            scale = tl.where(amax > 0, amax / E4M3, 1.0)
-            tl.store(Q8 + rows64 * stride_q8 + slot[None, :], to_e4m3(q / scale[:, None], UPCAST), mask=mask)
             tl.store(QScale + rows * stride_qs + v0 // BLOCK_V, scale, mask=row_ok)
         else:
             dz = logit_grad(acc, Bias, slab_start + slot, col_ok, targets, lse, mu, g_lse, g_tgt, g_sum, g_mu,
