@@ -23,7 +23,8 @@ from triton.compiler import ASTSource
 
 from lmforge.cce import configs
 
-INSTRUCTIONS = {"HGMMA": r"\bHGMMA\b", "HMMA": r"\bHMMA\b", "LDGSTS": r"\bLDGSTS\b", "UTMALDG": r"\bUTMALDG\b",
+INSTRUCTIONS = {"HGMMA": r"\bHGMMA\b", "QGMMA": r"\bQGMMA\b",  # warpgroup MMAs: 16-bit, 8-bit operands
+                "HMMA": r"\bHMMA\b", "LDGSTS": r"\bLDGSTS\b", "UTMALDG": r"\bUTMALDG\b",
                 "LDG": r"\bLDG\b", "STS": r"\bSTS\b",
                 # register spills: stores to and loads from thread-local memory
                 "STL": r"\bSTL\b", "LDL": r"\bLDL\b"}
@@ -147,6 +148,33 @@ def _tma_forward(n: int, d: int, v: int, arch: int, shared_limit: int, gather: b
     return lse_tma_kernel, args, consts, cfg["num_warps"], cfg["num_stages"], cfg
 
 
+def fp8_kernels(n: int = 8192, d: int = 2304, slab: int = 4096, arch: int = 90,
+                shared_limit: int = 232448) -> list[dict]:
+    """The experimental e4m3 dE path's kernels (``LMFORGE_CCE_FP8_DE``) for ``sm_<arch>``, as the backward
+    launches them at Gemma 2's shape: the logit-gradient kernel's FP8 variant, the classifier piece's e4m3
+    transpose and the block-scaled e4m3 accumulate into dE (bf16), one row of :func:`summarise`'s counts each."""
+    from lmforge.cce.gemm_impl import _fp8_blocks
+    from lmforge.cce.kernels.fp8 import fp8_accumulate_kernel, fp8_transpose_kernel
+
+    kernel, args, consts, warps, stages, cfg = _tma_grad(n, d, arch, shared_limit, slab, fp8=True)
+    rows = [dict(kernel="tma_grad_fp8", **summarise(compile_for(kernel, args, consts, arch=arch, num_warps=warps,
+                                                                num_stages=stages)))]
+    args = dict(_pointers("C:*bf16", "Out:*fp8e4nv"), inv_scale=("fp32", 1.0), cols=("i32", slab), D=("i32", d),
+                stride_c=("i32", d), stride_out=("i32", slab))
+    rows.append(dict(kernel="fp8_transpose", **summarise(compile_for(
+        fp8_transpose_kernel, args, dict(EMULATE=False, BLOCK_V=64, BLOCK_D=64), arch=arch, num_stages=1))))
+    block_m, block_n, block_k, launch = _fp8_blocks(cfg["BLOCK_V"])
+    args = dict(_pointers("Acc:*bf16", "Scale:*fp32"), a_desc=(f"tensordesc<fp8e4nv[{block_m}, {block_k}]>", None),
+                b_desc=(f"tensordesc<fp8e4nv[{block_n}, {block_k}]>", None), col_scale=("fp32", 0.5),
+                M=("i32", n), N=("i32", d), K=("i32", slab), stride_acc=("i32", d),
+                stride_scale=("i32", slab // cfg["BLOCK_V"]))
+    consts = dict(SCALE_K=cfg["BLOCK_V"], PER_BLOCK=True, UPCAST=False, BLOCK_M=block_m, BLOCK_N=block_n,
+                  BLOCK_K=block_k)
+    rows.append(dict(kernel="fp8_accumulate", **summarise(compile_for(fp8_accumulate_kernel, args, consts, arch=arch,
+                                                                       **launch))))
+    return rows
+
+
 CONFIG_OF = {"tma_grad": "tma"}  # kernels that run with another kernel's configuration
 GPUS = {"H200": (90, 232448), "A100": (80, 166912), "L4": (89, 101376)}  # (arch, shared memory per block)
 
@@ -175,8 +203,9 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gpus", nargs="+", default=list(GPUS), choices=list(GPUS))
     parser.add_argument("--out", help="also write the rows as JSON")
+    parser.add_argument("--fp8", action="store_true", help="the experimental e4m3 dE path's kernels on sm_90 instead")
     cli_args = parser.parse_args()
-    result = report(cli_args.gpus)
+    result = fp8_kernels() if cli_args.fp8 else report(cli_args.gpus)
     for row in result:
         print(json.dumps(row))
     if cli_args.out:
