@@ -9,10 +9,10 @@ import torch
 import triton
 import triton.language as tl
 
-from lmforge.cce import gemm_impl
+from lmforge.cce import configs, gemm_impl
 from lmforge.cce.kernels.fp8 import to_e4m3
 from lmforge.cce.triton_impl import interpreting
-from tests.cce.test_api import N, V, make_inputs, rel_err
+from tests.cce.test_api import D, N, V, make_inputs, rel_err
 from tests.cce.test_tma_forward import float64_stats, force_plan
 from tests.conftest import DEVICE
 
@@ -69,14 +69,11 @@ def _grads(seed=5):
     return [(torch.randn(N, generator=g, dtype=torch.float64) / N) for _ in range(2)]
 
 
-@pytest.mark.parametrize("softcap", [None, 3.0])
-@pytest.mark.parametrize("pieces", [False, True])  # whole slabs in one chunk, or 16-column pieces, 16-row chunks
-@pytest.mark.parametrize("cols", [32, V])  # several slabs (the last ragged), one slab
-def test_fp8_de_matches_float64_up_to_its_softmax_part(monkeypatch, cols, pieces, softcap):
-    # dE with its softmax part from e4m3 products and the target rows added apart: dE's error stays within a
-    # few % of the softmax part's own norm (e4m3 keeps 3 mantissa bits: ~2.6% rms per operand), while dC and
-    # db come from the same dz as the bf16 path.
-    e, c, t, b = make_inputs(torch.bfloat16, ignore_frac=0.2, with_bias=True, scale=0.5)
+def _problem(monkeypatch, cols, pieces, softcap, scale=0.5):
+    """Inputs, upstream gradients and float64 references for the e4m3 path's tests: dE, its softmax part
+    sum_v g_lse f_v p_v C_v, dC, db and the error model's sum_v q_v^2 |C_v|^2 per row (q = g_lse f p), |C_v|^2
+    bounded per tile as the kernel does."""
+    e, c, t, b = make_inputs(torch.bfloat16, ignore_frac=0.2, with_bias=True, scale=scale)
     e, c, b = e.detach(), c.detach(), b.detach()
     monkeypatch.setenv("LMFORGE_CCE_TMA", "1")
     monkeypatch.setenv("LMFORGE_CCE_SLAB_MB", str(cols * N * 4 / 2**20))
@@ -86,27 +83,86 @@ def test_fp8_de_matches_float64_up_to_its_softmax_part(monkeypatch, cols, pieces
     e64, c64, b64 = (x.cpu().double().requires_grad_() for x in (e, c, b))
     lse, tgt, _, _, _ = float64_stats(e64, c64, b64, t.cpu(), softcap, None, V)
     (g_lse * lse).sum().backward(retain_graph=True)
-    softmax_part = e64.grad.clone()  # sum_v g_lse f_v p_v C_v
+    softmax_part = e64.grad.clone()
     (g_tgt * tgt).sum().backward()
-    lse_in = lse.detach().float().to(DEVICE)
-    calls = []
-    accumulate = gemm_impl._fp8_accumulate
-    monkeypatch.setattr(gemm_impl, "_fp8_accumulate", lambda *a: calls.append(1) or accumulate(*a))
+    with torch.no_grad():
+        z = e64 @ c64.T + b64
+        f = torch.ones_like(z)
+        if softcap is not None:
+            f = 1 - torch.tanh(z / softcap) ** 2
+            z = softcap * torch.tanh(z / softcap)
+        q = g_lse[:, None] * torch.softmax(z, dim=1) * f
+        # The kernel's bound: each tile's (BLOCK_V columns of a piece; pieces start on tile boundaries here)
+        # largest squared row norm of C in place of the column's own.
+        tile = configs.config_for("tma", torch.bfloat16, torch.device(DEVICE), D)["BLOCK_V"]
+        norm2 = (c64 ** 2).sum(dim=1)
+        tile_max = torch.nn.functional.pad(norm2, (0, -V % tile)).view(-1, tile).amax(dim=1)
+        est2 = (q ** 2) @ tile_max.repeat_interleave(tile)[:V]
+    ref = dict(de=e64.grad, softmax_part=softmax_part, dc=c64.grad, db=b64.grad, est2=est2)
+    args = (e, c, b, t, lse.detach().float().to(DEVICE), None, g_lse.float().to(DEVICE), g_tgt.float().to(DEVICE),
+            None, None)
+    return args, ref
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0])
+@pytest.mark.parametrize("pieces", [False, True])  # whole slabs in one chunk, or 16-column pieces, 16-row chunks
+@pytest.mark.parametrize("cols", [32, V])  # several slabs (the last ragged), one slab
+def test_fp8_de_matches_float64_up_to_its_softmax_part(monkeypatch, cols, pieces, softcap):
+    # dE with its softmax part from e4m3 products and the target rows added apart (the per-row check off): dE's
+    # error stays within a few % of the softmax part's own norm (e4m3 keeps 3 mantissa bits: ~2.6% rms per
+    # operand), while dC and db come from the same dz as the bf16 path. The kernel's error-model sums match
+    # float64's with the same per-tile bound.
+    args, ref = _problem(monkeypatch, cols, pieces, softcap)
+    monkeypatch.setattr(gemm_impl, "FP8_ROW_ROOM", float("inf"))
+    estimates = []  # the error model's per-row estimates, as the e4m3 path hands them to the check
+    rows_to_redo = gemm_impl._fp8_rows_to_redo
+    monkeypatch.setattr(gemm_impl, "_fp8_rows_to_redo", lambda est, de: estimates.append(est) or rows_to_redo(est, de))
     results = {}
     for flag in ("1", "0"):
         monkeypatch.setenv("LMFORGE_CCE_FP8_DE", flag)
-        calls.clear()
-        results[flag] = gemm_impl.backward(e, c, b, t, lse_in, None, g_lse.float().to(DEVICE),
-                                           g_tgt.float().to(DEVICE), None, None, softcap=softcap, need_db=True)
-        assert bool(calls) == (flag == "1")
+        results[flag] = gemm_impl.backward(*args, softcap=softcap, need_db=True)
+    assert len(estimates) == 1  # the e4m3 path ran with the flag, and only then
     (de8, dc8, db8), (de16, dc16, db16) = results["1"], results["0"]
-    fp8_err = (de8.double().cpu() - e64.grad).norm() / softmax_part.norm()
-    bf16_err = (de16.double().cpu() - e64.grad).norm() / softmax_part.norm()
+    fp8_err = (de8.double().cpu() - ref["de"]).norm() / ref["softmax_part"].norm()
+    bf16_err = (de16.double().cpu() - ref["de"]).norm() / ref["softmax_part"].norm()
     assert fp8_err < 0.06 and bf16_err < fp8_err  # e4m3's error, not a wrong term (which would be ~1)
-    assert rel_err(de8, e64.grad) < 2e-2
-    for got, want in ((dc8, c64.grad), (db8, b64.grad)):
+    assert rel_err(de8, ref["de"]) < 2e-2
+    for got, want in ((dc8, ref["dc"]), (db8, ref["db"])):
         assert rel_err(got, want) < 1e-2
     torch.testing.assert_close(dc8.float(), dc16.float(), rtol=1e-2, atol=1e-4)  # dz differs in fp32 rounding
+    torch.testing.assert_close(estimates[0].double().cpu(), gemm_impl.FP8_EST * ref["est2"].sqrt(), rtol=1e-3,
+                               atol=1e-9)
+
+
+def test_fp8_de_recomputes_the_rows_its_error_model_flags(monkeypatch):
+    # Rows whose estimated e4m3 error is over FP8_ROW_ROOM of their dE are recomputed by the exact path: with the
+    # room set at the median row's ratio about half the rows come back exact (bf16 products), the rest keep the
+    # e4m3 product; with more than FP8_REFUSE_SHARE redone the problem stops taking the e4m3 path.
+    args, ref = _problem(monkeypatch, 32, False, 3.0)
+    e, c = args[0], args[1]
+    monkeypatch.setenv("LMFORGE_CCE_FP8_DE", "0")
+    exact, _, _ = gemm_impl.backward(*args, softcap=3.0)
+    monkeypatch.setenv("LMFORGE_CCE_FP8_DE", "1")
+    monkeypatch.setattr(gemm_impl, "FP8_ROW_ROOM", float("inf"))
+    gemm_impl.reset_filter_history()
+    unchecked, _, _ = gemm_impl.backward(*args, softcap=3.0)
+    ratio = gemm_impl.FP8_EST * ref["est2"].sqrt() / ref["de"].norm(dim=1)
+    monkeypatch.setattr(gemm_impl, "FP8_ROW_ROOM", ratio.median().item())
+    checked, _, _ = gemm_impl.backward(*args, softcap=3.0)
+    redone = (checked != unchecked).any(dim=1).cpu()
+    assert 0.3 < redone.float().mean() < 0.7
+    assert torch.equal(checked[redone], exact[redone.to(exact.device)])  # the exact path's rows, bit for bit
+    assert torch.equal(checked[~redone], unchecked[~redone.to(exact.device)])
+    grads = gemm_impl.grads_of(*args[6:8], None, None)
+    assert not gemm_impl.fp8_de_applies(e, c, tma=True, vocab_order=True, need_de=True, grads=grads)
+    gemm_impl.reset_filter_history()
+    assert gemm_impl.fp8_de_applies(e, c, tma=True, vocab_order=True, need_de=True, grads=grads) == "checked"
+    # Without the check (LMFORGE_CCE_FP8_DE=unchecked, for timing it) the kernel forms no estimate and no row
+    # is redone: the unchecked result, bit for bit.
+    monkeypatch.setenv("LMFORGE_CCE_FP8_DE", "unchecked")
+    monkeypatch.setattr(gemm_impl, "_fp8_rows_to_redo", None)  # never called
+    plain, _, _ = gemm_impl.backward(*args, softcap=3.0)
+    assert torch.equal(plain, unchecked)
 
 
 def test_fp8_de_applies_only_to_the_exact_cross_entropy_backward(monkeypatch):
@@ -114,14 +170,16 @@ def test_fp8_de_applies_only_to_the_exact_cross_entropy_backward(monkeypatch):
     ce = gemm_impl.grads_of(torch.ones(1), torch.ones(1), None, None)
     monkeypatch.setenv("LMFORGE_CCE_TMA", "1")
     monkeypatch.setenv("LMFORGE_CCE_FP8_DE", "0")
-    assert not gemm_impl.fp8_de_applies(e, tma=True, vocab_order=True, need_de=True, grads=ce)  # off by default
+    assert not gemm_impl.fp8_de_applies(e, c, tma=True, vocab_order=True, need_de=True, grads=ce)  # off by default
     monkeypatch.setenv("LMFORGE_CCE_FP8_DE", "1")
-    assert gemm_impl.fp8_de_applies(e, tma=True, vocab_order=True, need_de=True, grads=ce)
-    assert not gemm_impl.fp8_de_applies(e, tma=True, vocab_order=False, need_de=True, grads=ce)  # sorted order
-    assert not gemm_impl.fp8_de_applies(e, tma=False, vocab_order=True, need_de=True, grads=ce)
-    assert not gemm_impl.fp8_de_applies(e, tma=True, vocab_order=True, need_de=False, grads=ce)
+    assert gemm_impl.fp8_de_applies(e, c, tma=True, vocab_order=True, need_de=True, grads=ce)
+    assert not gemm_impl.fp8_de_applies(e, c, tma=True, vocab_order=False, need_de=True, grads=ce)  # sorted order
+    assert not gemm_impl.fp8_de_applies(e, c, tma=False, vocab_order=True, need_de=True, grads=ce)
+    assert not gemm_impl.fp8_de_applies(e, c, tma=True, vocab_order=True, need_de=False, grads=ce)
     z_loss = gemm_impl.grads_of(torch.ones(1), torch.ones(1), torch.ones(1), None)
-    assert not gemm_impl.fp8_de_applies(e, tma=True, vocab_order=True, need_de=True, grads=z_loss)
+    assert not gemm_impl.fp8_de_applies(e, c, tma=True, vocab_order=True, need_de=True, grads=z_loss)
+    monkeypatch.setenv("LMFORGE_CCE_FP8_DE", "unchecked")
+    assert gemm_impl.fp8_de_applies(e, c, tma=True, vocab_order=True, need_de=True, grads=ce) == "unchecked"
     monkeypatch.setenv("LMFORGE_CCE_FP8_DE", "yes")
     with pytest.raises(ValueError, match="LMFORGE_CCE_FP8_DE"):
         gemm_impl.fp8_de()

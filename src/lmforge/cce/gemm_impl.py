@@ -34,6 +34,7 @@ slabs, filter_eps 2^-12) rows keep 47% of (slab, row) pairs (72% without the sor
 from __future__ import annotations
 
 import functools
+import math
 import os
 from typing import NamedTuple
 
@@ -104,8 +105,10 @@ def _note_backward(e: torch.Tensor, c: torch.Tensor, filter_eps: float, dense: b
 
 
 def reset_filter_history() -> None:
-    """Forget every fallback :func:`sorted_order_due` remembers (the next filtered forward sorts)."""
+    """Forget every fallback :func:`sorted_order_due` remembers (the next filtered forward sorts) and every
+    problem the e4m3 dE path gave up on (:func:`fp8_de_applies`)."""
     _dense_history.clear()
+    _fp8_refused.clear()
 
 
 # The presets ("auto", "fast") filter only where slabs are at most this wide: 4096 columns (8192+ tokens with
@@ -210,6 +213,17 @@ SORTED_CHUNKS = 2
 EXACT_MAX_CHUNKS = 4
 # The e4m3 dE product's target rows are added per sub-chunk of this many rows (fp32 temporaries).
 FP8_TARGET_ROWS = 256
+# The e4m3 product's error per row is modelled as FP8_EST sqrt(sum_v q_v^2 |C_v|^2) (independent roundings
+# of both operands: e4m3's 2^-4 relative step, 2^-4 / sqrt(3) in rms per operand, sqrt(2) for the two; the
+# model ran 0.95-2.8x the measured row errors in bench/cce_fp8_probe.py). Rows whose estimate exceeds
+# FP8_ROW_ROOM of their dE's norm are recomputed exactly: with torch's bf16 error ~1.7e-3 the e4m3 part then
+# adds at most ~1e-3 in quadrature, inside the 1.5x bound. When more than FP8_REFUSE_SHARE of the rows need
+# that, the problem (vocabulary, hidden size, dtype, device) stops taking the e4m3 path until
+# reset_filter_history(): its softmax is too peaked for it.
+FP8_EST = math.sqrt(2) * 2.0 ** -4 / math.sqrt(3)
+FP8_ROW_ROOM = 1e-3
+FP8_REFUSE_SHARE = 0.02
+_fp8_refused: set[tuple] = set()
 # backward_plan's price of one more (row chunk, slab piece) step, in bytes of memory traffic: ~7 launches at
 # ~40 us of host work each, ~1.3 GB at the H200's ~4.8 TB/s, against products that shrink with the step.
 STEP_BYTES = 1 << 30
@@ -791,11 +805,13 @@ def row_depths(slab_lse, lse, g_lse, g_tgt, slab_targets, cols_per_slab: int, fi
     return depth
 
 
-def _logit_grad_tma(e, c_rows, slab_bias, slab_targets, vectors, softcap, grads: dict, fp8: bool = False):
+def _logit_grad_tma(e, c_rows, slab_bias, slab_targets, vectors, softcap, grads: dict, fp8: str = ""):
     """A function ``launch(k, c_row0, cols, start, dz, q8=None, q_scale=None)`` that writes dz (k x cols, the
     inputs' dtype) of e's first k rows against c_rows[c_row0 : c_row0 + cols], the classifier rows at
     vocabulary positions [start, start + cols), by :func:`logit_grad_tma_kernel` (no fp32 logit slab); with
-    ``fp8`` also dz's softmax part in e4m3 into q8 (k x cols) and its scales into q_scale (k x tiles). The
+    ``fp8`` ("checked" or "unchecked") also dz's softmax part in e4m3 into q8 (k x cols) and its scales into
+    q_scale (k x tiles), and if "checked" its error model's sums into est2 (k; from c_norm2, the largest
+    squared norm of the classifier rows in each of the piece's tiles). The
     tensor descriptors and launch options are made once per backward: the host's work per slab is the launch
     alone (at SmolLM2's shape a slab's three GPU operations take ~0.2 ms, about what building them each time
     cost)."""
@@ -806,16 +822,18 @@ def _logit_grad_tma(e, c_rows, slab_bias, slab_targets, vectors, softcap, grads:
     c_desc = TensorDescriptor.from_tensor(c_rows, [cfg["BLOCK_V"], cfg["BLOCK_D"]])
     options = dict(D=d, HAS_BIAS=slab_bias is not None, HAS_SOFTCAP=softcap is not None, UPCAST=interpreting(),
                    BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BLOCK_D"], FLATTEN=True, **grads,
-                   FP8=fp8, **_launch_kwargs(cfg))
+                   FP8=bool(fp8), FP8_CHECK=fp8 == "checked", **_launch_kwargs(cfg))
     bias = slab_bias if slab_bias is not None else e  # never read without HAS_BIAS
     cap = float(softcap) if softcap is not None else 1.0
 
-    def launch(k: int, c_row0: int, cols: int, start: int, dz: torch.Tensor, q8=None, q_scale=None):
+    def launch(k: int, c_row0: int, cols: int, start: int, dz: torch.Tensor, q8=None, q_scale=None, c_norm2=None,
+               est2=None):
         n_blocks = -(-k // cfg["BLOCK_N"])
         sub, v_per_split = tma_splits(n_blocks, 1, -(-cols // cfg["BLOCK_V"]), sms, cfg["BLOCK_V"])
-        q8 = q8 if fp8 else dz  # never written without FP8
-        q_scale = q_scale if fp8 else vectors[0]
+        if not fp8:  # never read or written without FP8
+            q8, q_scale, c_norm2, est2 = dz, vectors[0], vectors[0], vectors[0]
         logit_grad_tma_kernel[(n_blocks, sub)](e_desc, c_desc, dz, bias, slab_targets, *vectors, q8, q_scale,
+                                               c_norm2, est2,
                                                k, cols, start, c_row0, v_per_split, dz.stride(0), q8.stride(0),
                                                q_scale.stride(0), cap, **options)
 
@@ -853,25 +871,32 @@ def dc_workspace() -> bool:
     return os.environ.get("LMFORGE_CCE_DC_WORKSPACE", "1") != "0"
 
 
-def fp8_de() -> bool:
-    """Whether the exact backward in vocabulary order may form dE's softmax part from e4m3 products
-    (``LMFORGE_CCE_FP8_DE=1``; experimental, off by default, not yet timed on a GPU): see
-    :mod:`lmforge.cce.kernels.fp8` and :func:`fp8_de_applies`."""
+def fp8_de() -> str:
+    """How the exact backward in vocabulary order may form dE's softmax part from e4m3 products
+    (``LMFORGE_CCE_FP8_DE``; experimental, off by default, not yet timed on a GPU): "" (``0``, off),
+    "checked" (``1``: rows whose error estimate is too large are recomputed exactly, FP8_ROW_ROOM) or
+    "unchecked" (no estimate: to time the check's cost). See :mod:`lmforge.cce.kernels.fp8` and
+    :func:`fp8_de_applies`."""
     choice = os.environ.get("LMFORGE_CCE_FP8_DE", "0")
-    if choice not in ("0", "1"):
-        raise ValueError(f"LMFORGE_CCE_FP8_DE must be 0 or 1, got {choice!r}")
-    return choice == "1"
+    modes = {"0": "", "1": "checked", "unchecked": "unchecked"}
+    if choice not in modes:
+        raise ValueError(f"LMFORGE_CCE_FP8_DE must be 0, 1 or unchecked, got {choice!r}")
+    return modes[choice]
 
 
-def fp8_de_applies(e: torch.Tensor, *, tma: bool, vocab_order: bool, need_de: bool, grads: dict) -> bool:
+def fp8_de_applies(e: torch.Tensor, c: torch.Tensor, *, tma: bool, vocab_order: bool, need_de: bool,
+                   grads: dict) -> str:
     """:func:`fp8_de` where it can run: the TMA logit-gradient kernel (16-bit inputs on sm_90+, or the
-    interpreter), the exact backward in vocabulary order, dE wanted, and a loss of lse and target logits
-    (every mean or summed cross-entropy; not the z-loss's logit sum or the entropy's softmax-mean logit)."""
-    if not (fp8_de() and tma and vocab_order and need_de):
-        return False
+    interpreter), the exact backward in vocabulary order, dE wanted, a loss of lse and target logits
+    (every mean or summed cross-entropy; not the z-loss's logit sum or the entropy's softmax-mean logit),
+    and a problem whose softmax has not proved too peaked for it (FP8_REFUSE_SHARE). Returns :func:`fp8_de`'s
+    mode, or "" where it does not apply."""
+    mode = fp8_de()
+    if not (mode and tma and vocab_order and need_de) or _problem_key(e, c, 0.0) in _fp8_refused:
+        return ""
     if not (grads["HAS_G_LSE"] and grads["HAS_G_TGT"]) or grads["HAS_G_SUM"] or grads["HAS_G_MU"]:
-        return False
-    return interpreting() or (e.is_cuda and configs.compute_capability(e.device) >= 89)
+        return ""
+    return mode if interpreting() or (e.is_cuda and configs.compute_capability(e.device) >= 89) else ""
 
 
 def _fp8_blocks(scale_k: int) -> tuple[int, int, int, dict]:
@@ -922,8 +947,13 @@ def _add_target_rows(acc, e_rows, c, bias, targets, g_tgt, softcap) -> None:
         acc[i:i + FP8_TARGET_ROWS].addcmul_(ct, w[:, None])
 
 
+def _fp8_rows_to_redo(est: torch.Tensor, de: torch.Tensor) -> torch.Tensor:
+    """Indices of the rows whose e4m3 error estimate ``est`` exceeds FP8_ROW_ROOM of their dE's norm."""
+    return torch.nonzero(est > FP8_ROW_ROOM * torch.linalg.vector_norm(de, dim=1, dtype=torch.float32))[:, 0]
+
+
 def _backward_fp8(e, c, bias, targets, vectors, softcap, cols_per_slab: int, *, out_dtype, need_dc: bool,
-                  need_db: bool):
+                  need_db: bool, checked: bool = True):
     """:func:`backward`'s exact cross-entropy backward in vocabulary order with dE's softmax part from e4m3
     products (:func:`fp8_de_applies`). Pieces of the vocabulary outer, row chunks inner, so that each
     classifier piece is transposed into e4m3 once; per (piece, chunk) step the TMA kernel writes dz (for dC,
@@ -931,7 +961,8 @@ def _backward_fp8(e, c, bias, targets, vectors, softcap, cols_per_slab: int, *, 
     added to (the others) as in :func:`backward`, and the e4m3 product is added straight into dE (its own
     dtype: no fp32 accumulator; on a flat softmax the part summed there is a few % of dE, so bf16 sums of
     its pieces stay far inside the bound). At the end the target rows, g_tgt f_t C[t] (most of dE), are added
-    in fp32 and each row of dE is rounded once more. Returns (dE, dC, db)."""
+    in fp32 and each row of dE is rounded once more; rows whose error estimate (FP8_EST, accumulated by the
+    kernel) is over FP8_ROW_ROOM of their norm are then recomputed by the exact path. Returns (dE, dC, db)."""
     n, d = e.shape
     vocab = c.shape[0]
     rows, piece = backward_plan(n, d, vocab, cols_per_slab, elem_bytes=e.element_size(),
@@ -946,21 +977,27 @@ def _backward_fp8(e, c, bias, targets, vectors, softcap, cols_per_slab: int, *, 
     q8 = torch.empty((rows, width), dtype=torch.float8_e4m3fn, device=e.device)
     q_scale = torch.empty((rows, -(-piece // scale_k)), dtype=torch.float32, device=e.device)
     c8t = torch.empty((d, width), dtype=torch.float8_e4m3fn, device=e.device)
-    # One host sync for C's largest entry: its scale maps C onto e4m3's range.
-    c_scale = max(float(torch.linalg.vector_norm(c, float("inf"))), 1e-30) / E4M3_MAX
+    # The classifier rows' squared norms (the error model's weights) and, from the largest (a bound on C's
+    # largest entry), the scale that maps C into e4m3's range: one pass over C, one host sync.
+    c_norm2 = torch.linalg.vector_norm(c, dim=1, dtype=torch.float32).square_()
+    c_scale = max(math.sqrt(float(c_norm2.max())), 1e-30) / E4M3_MAX
+    est2 = torch.zeros(n, dtype=torch.float32, device=e.device)
     de = torch.zeros((n, d), dtype=out_dtype, device=e.device)
     dc = torch.empty_like(c, memory_format=torch.contiguous_format) if need_dc else None
     db32 = torch.zeros(vocab, dtype=torch.float32, device=c.device) if need_db else None
     spans = [(r0, min(rows, n - r0)) for r0 in range(0, n, rows)]
     launches = [_logit_grad_tma(e[r0:r0 + m], c, bias, targets[r0:r0 + m], tuple(v[r0:r0 + m] for v in vectors),
-                                softcap, grads, fp8=True) for r0, m in spans]
+                                softcap, grads, fp8="checked" if checked else "unchecked") for r0, m in spans]
     for start in range(0, vocab, piece):  # no filtering: slabs do not matter here, only the pieces' width
         cols = min(piece, vocab - start)
         c_piece = c[start:start + cols]
         _fp8_transpose(c8t[:, :cols], c_piece, 1.0 / c_scale)
+        # The largest squared row norm in each of the piece's tiles (the error model's bound).
+        tile_norm2 = torch.nn.functional.pad(c_norm2[start:start + cols], (0, -cols % scale_k)).view(-1, scale_k)
+        tile_norm2 = tile_norm2.amax(dim=1)
         for chunk, ((r0, m), launch) in enumerate(zip(spans, launches)):
             dz = buffer[: m * cols].view(m, cols)
-            launch(m, start, cols, start, dz, q8[:m, :cols], q_scale[:m])
+            launch(m, start, cols, start, dz, q8[:m, :cols], q_scale[:m], tile_norm2, est2[r0:r0 + m])
             _fp8_accumulate(de[r0:r0 + m], q8[:m, :cols], q_scale[:m], c8t[:, :cols], c_scale, scale_k)
             if dc is not None:
                 if chunk == 0:
@@ -976,6 +1013,15 @@ def _backward_fp8(e, c, bias, targets, vectors, softcap, cols_per_slab: int, *, 
         _add_target_rows(total, e[i:i + FP8_TARGET_ROWS], c, bias, targets[i:i + FP8_TARGET_ROWS],
                          vectors[3][i:i + FP8_TARGET_ROWS], softcap)
         part.copy_(total)
+    # Rows whose e4m3 error estimate is too large beside their dE: recomputed exactly (bf16 products).
+    redo = _fp8_rows_to_redo(FP8_EST * est2.sqrt_(), de) if checked else ()
+    if len(redo):
+        if len(redo) > FP8_REFUSE_SHARE * n:
+            _fp8_refused.add(_problem_key(e, c, 0.0))
+        exact, _, _ = backward(e[redo], c, bias, targets[redo], *(v[redo] if v is not None else None for v in (
+            vectors[0], None, vectors[2], vectors[3], None, None)), softcap=softcap, need_dc=False,
+            de_dtype=out_dtype, fp8=False)
+        de[redo] = exact
     return de, dc, db32.to(bias.dtype) if need_db else None
 
 
@@ -1103,7 +1149,7 @@ def _backward_dc_hosted(e, c, perm, order, counts, vectors, slab_bias, slab_targ
 
 def backward(e, c, bias, targets, lse, mean_logit, g_lse, g_tgt, g_sum, g_mu, *, softcap=None,
              need_de=True, need_dc=True, need_db=False, slab_bytes=None, perm=None, slab_lse=None,
-             filter_eps=None, de_dtype=None):
+             filter_eps=None, de_dtype=None, fp8=True):
     """Gradients (dE, dC, db) for upstream per-token gradients of the four statistics.
 
     Exact unless ``filter_eps`` and the forward's ``slab_lse`` (same ``perm``) are given and only g_lse /
@@ -1163,10 +1209,11 @@ def backward(e, c, bias, targets, lse, mean_logit, g_lse, g_tgt, g_sum, g_mu, *,
     # in depth order until the end) until its accumulator is rounded over them: no separate gathered copy.
     rows_in_de = order is not None and need_de and out_dtype == e.dtype
     # dE's softmax part from e4m3 products (LMFORGE_CCE_FP8_DE=1, experimental): the exact backward only.
-    if fp8_de_applies(e, tma=tma, vocab_order=perm is None and order is None, need_de=need_de,
-                      grads=grads_of(g_lse, g_tgt, g_sum, g_mu)):
+    mode = fp8 and fp8_de_applies(e, c, tma=tma, vocab_order=perm is None and order is None, need_de=need_de,
+                                  grads=grads_of(g_lse, g_tgt, g_sum, g_mu))
+    if mode:
         return _backward_fp8(e, c, bias, targets, vectors, softcap, cols_per_slab, out_dtype=out_dtype,
-                             need_dc=need_dc, need_db=need_db)
+                             need_dc=need_dc, need_db=need_db, checked=mode == "checked")
     budget = backward_budget()
     if budget is None and (n + vocab) * d * e.element_size() < SMALL_GRAD_BYTES:
         rows, piece = n, cols_per_slab  # a small problem: one chunk of whole slabs

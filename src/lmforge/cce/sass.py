@@ -117,7 +117,8 @@ def _tma_grad(n: int, d: int, arch: int, shared_limit: int, slab: int, fp8: bool
 
     cfg = configs.resolve("tma", torch.bfloat16, f"sm_{arch}", d, shared_limit, cache={}, arch=arch)
     args = dict(_pointers("DZ:*bf16", "Bias:*bf16", "Targets:*i64", "Lse:*fp32", "Mu:*fp32", "G_lse:*fp32",
-                          "G_tgt:*fp32", "G_sum:*fp32", "G_mu:*fp32", "Q8:*fp8e4nv", "QScale:*fp32"),
+                          "G_tgt:*fp32", "G_sum:*fp32", "G_mu:*fp32", "Q8:*fp8e4nv", "QScale:*fp32",
+                          "CNorm2:*fp32", "Est2:*fp32"),
                 e_desc=(f"tensordesc<bf16[{cfg['BLOCK_N']}, {cfg['BLOCK_D']}]>", None),
                 c_desc=(f"tensordesc<bf16[{cfg['BLOCK_V']}, {cfg['BLOCK_D']}]>", None),
                 N=("i32", n), slab_cols=("i32", slab), slab_start=("i32", slab), c_row0=("i32", slab),
@@ -125,7 +126,7 @@ def _tma_grad(n: int, d: int, arch: int, shared_limit: int, slab: int, fp8: bool
                 stride_dzn=("i32", slab), stride_q8=("i32", slab), stride_qs=("i32", slab // cfg["BLOCK_V"]),
                 softcap=("fp32", 1.0))
     consts = dict(D=d, HAS_BIAS=False, HAS_SOFTCAP=False, HAS_G_LSE=True, HAS_G_TGT=True, HAS_G_SUM=False,
-                  HAS_G_MU=False, UPCAST=False, FLATTEN=True, FP8=fp8,
+                  HAS_G_MU=False, UPCAST=False, FLATTEN=True, FP8=fp8, FP8_CHECK=fp8,
                   **{k: cfg[k] for k in ("BLOCK_N", "BLOCK_V", "BLOCK_D")})
     return logit_grad_tma_kernel, args, consts, cfg["num_warps"], cfg["num_stages"], cfg
 
