@@ -110,8 +110,8 @@ def _problem(monkeypatch, cols, pieces, softcap, scale=0.5):
 def test_fp8_de_matches_float64_up_to_its_softmax_part(monkeypatch, cols, pieces, softcap):
     # dE with its softmax part from e4m3 products and the target rows added apart (the per-row check off): dE's
     # error stays within a few % of the softmax part's own norm (e4m3 keeps 3 mantissa bits: ~2.6% rms per
-    # operand), while dC and db come from the same dz as the bf16 path. The kernel's error-model sums match
-    # float64's with the same per-tile bound.
+    # operand), while dC and db come from the same dz as the bf16 path. The accumulate kernel's error-model
+    # sums match float64's with the same per-tile bound.
     args, ref = _problem(monkeypatch, cols, pieces, softcap)
     monkeypatch.setattr(gemm_impl, "FP8_ROW_ROOM", float("inf"))
     estimates = []  # the error model's per-row estimates, as the e4m3 path hands them to the check
@@ -130,7 +130,8 @@ def test_fp8_de_matches_float64_up_to_its_softmax_part(monkeypatch, cols, pieces
     for got, want in ((dc8, ref["dc"]), (db8, ref["db"])):
         assert rel_err(got, want) < 1e-2
     torch.testing.assert_close(dc8.float(), dc16.float(), rtol=1e-2, atol=1e-4)  # dz differs in fp32 rounding
-    torch.testing.assert_close(estimates[0].double().cpu(), gemm_impl.FP8_EST * ref["est2"].sqrt(), rtol=1e-3,
+    # The kernel forms its sums from the e4m3 values (each within 2^-4 of q): ~1% off float64's in norm.
+    torch.testing.assert_close(estimates[0].double().cpu(), gemm_impl.FP8_EST * ref["est2"].sqrt(), rtol=3e-2,
                                atol=1e-9)
 
 

@@ -805,13 +805,11 @@ def row_depths(slab_lse, lse, g_lse, g_tgt, slab_targets, cols_per_slab: int, fi
     return depth
 
 
-def _logit_grad_tma(e, c_rows, slab_bias, slab_targets, vectors, softcap, grads: dict, fp8: str = ""):
+def _logit_grad_tma(e, c_rows, slab_bias, slab_targets, vectors, softcap, grads: dict, fp8: bool = False):
     """A function ``launch(k, c_row0, cols, start, dz, q8=None, q_scale=None)`` that writes dz (k x cols, the
     inputs' dtype) of e's first k rows against c_rows[c_row0 : c_row0 + cols], the classifier rows at
     vocabulary positions [start, start + cols), by :func:`logit_grad_tma_kernel` (no fp32 logit slab); with
-    ``fp8`` ("checked" or "unchecked") also dz's softmax part in e4m3 into q8 (k x cols) and its scales into
-    q_scale (k x tiles), and if "checked" its error model's sums into est2 (k; from c_norm2, the largest
-    squared norm of the classifier rows in each of the piece's tiles). The
+    ``fp8`` also dz's softmax part in e4m3 into q8 (k x cols) and its scales into q_scale (k x tiles). The
     tensor descriptors and launch options are made once per backward: the host's work per slab is the launch
     alone (at SmolLM2's shape a slab's three GPU operations take ~0.2 ms, about what building them each time
     cost)."""
@@ -822,18 +820,16 @@ def _logit_grad_tma(e, c_rows, slab_bias, slab_targets, vectors, softcap, grads:
     c_desc = TensorDescriptor.from_tensor(c_rows, [cfg["BLOCK_V"], cfg["BLOCK_D"]])
     options = dict(D=d, HAS_BIAS=slab_bias is not None, HAS_SOFTCAP=softcap is not None, UPCAST=interpreting(),
                    BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BLOCK_D"], FLATTEN=True, **grads,
-                   FP8=bool(fp8), FP8_CHECK=fp8 == "checked", **_launch_kwargs(cfg))
+                   FP8=fp8, **_launch_kwargs(cfg))
     bias = slab_bias if slab_bias is not None else e  # never read without HAS_BIAS
     cap = float(softcap) if softcap is not None else 1.0
 
-    def launch(k: int, c_row0: int, cols: int, start: int, dz: torch.Tensor, q8=None, q_scale=None, c_norm2=None,
-               est2=None):
+    def launch(k: int, c_row0: int, cols: int, start: int, dz: torch.Tensor, q8=None, q_scale=None):
         n_blocks = -(-k // cfg["BLOCK_N"])
         sub, v_per_split = tma_splits(n_blocks, 1, -(-cols // cfg["BLOCK_V"]), sms, cfg["BLOCK_V"])
-        if not fp8:  # never read or written without FP8
-            q8, q_scale, c_norm2, est2 = dz, vectors[0], vectors[0], vectors[0]
+        if not fp8:  # never written without FP8
+            q8, q_scale = dz, vectors[0]
         logit_grad_tma_kernel[(n_blocks, sub)](e_desc, c_desc, dz, bias, slab_targets, *vectors, q8, q_scale,
-                                               c_norm2, est2,
                                                k, cols, start, c_row0, v_per_split, dz.stride(0), q8.stride(0),
                                                q_scale.stride(0), cap, **options)
 
@@ -918,14 +914,18 @@ def _fp8_transpose(out: torch.Tensor, c_piece: torch.Tensor, inv_scale: float) -
 
 
 def _fp8_accumulate(acc: torch.Tensor, q8: torch.Tensor, q_scale: torch.Tensor, c8t: torch.Tensor,
-                    c_scale: float, scale_k: int) -> None:
+                    c_scale: float, scale_k: int, tile_norm2: torch.Tensor | None = None,
+                    est2: torch.Tensor | None = None) -> None:
     """acc += (q8 scaled by q_scale per row and scale_k columns) @ (c8t^T * c_scale): dE's e4m3 softmax part
-    for one step, by :func:`fp8_accumulate_kernel`."""
+    for one step, by :func:`fp8_accumulate_kernel`; with ``est2``, also each row's error-model sum
+    sum_v q_v^2 |C_v|^2 into it, |C_v|^2 bounded by ``tile_norm2`` (the largest per scale_k columns)."""
     (m, k), n = q8.shape, c8t.shape[0]
     block_m, block_n, block_k, launch = _fp8_blocks(scale_k)
+    estimate = est2 is not None
     fp8_accumulate_kernel[(triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)](
         TensorDescriptor.from_tensor(q8, [block_m, block_k]), TensorDescriptor.from_tensor(c8t, [block_n, block_k]),
-        acc, q_scale, c_scale, m, n, k, acc.stride(0), q_scale.stride(0), SCALE_K=scale_k, PER_BLOCK=True,
+        acc, q_scale, c_scale, tile_norm2 if estimate else q_scale, est2 if estimate else q_scale, m, n, k,
+        acc.stride(0), q_scale.stride(0), SCALE_K=scale_k, PER_BLOCK=True, ESTIMATE=estimate,
         UPCAST=interpreting(), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **launch)
 
 
@@ -987,7 +987,7 @@ def _backward_fp8(e, c, bias, targets, vectors, softcap, cols_per_slab: int, *, 
     db32 = torch.zeros(vocab, dtype=torch.float32, device=c.device) if need_db else None
     spans = [(r0, min(rows, n - r0)) for r0 in range(0, n, rows)]
     launches = [_logit_grad_tma(e[r0:r0 + m], c, bias, targets[r0:r0 + m], tuple(v[r0:r0 + m] for v in vectors),
-                                softcap, grads, fp8="checked" if checked else "unchecked") for r0, m in spans]
+                                softcap, grads, fp8=True) for r0, m in spans]
     for start in range(0, vocab, piece):  # no filtering: slabs do not matter here, only the pieces' width
         cols = min(piece, vocab - start)
         c_piece = c[start:start + cols]
@@ -997,8 +997,9 @@ def _backward_fp8(e, c, bias, targets, vectors, softcap, cols_per_slab: int, *, 
         tile_norm2 = tile_norm2.amax(dim=1)
         for chunk, ((r0, m), launch) in enumerate(zip(spans, launches)):
             dz = buffer[: m * cols].view(m, cols)
-            launch(m, start, cols, start, dz, q8[:m, :cols], q_scale[:m], tile_norm2, est2[r0:r0 + m])
-            _fp8_accumulate(de[r0:r0 + m], q8[:m, :cols], q_scale[:m], c8t[:, :cols], c_scale, scale_k)
+            launch(m, start, cols, start, dz, q8[:m, :cols], q_scale[:m])
+            _fp8_accumulate(de[r0:r0 + m], q8[:m, :cols], q_scale[:m], c8t[:, :cols], c_scale, scale_k,
+                            *((tile_norm2, est2[r0:r0 + m]) if checked else ()))
             if dc is not None:
                 if chunk == 0:
                     torch.mm(dz.t(), e[r0:r0 + m], out=dc[start:start + cols])

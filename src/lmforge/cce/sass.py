@@ -117,8 +117,7 @@ def _tma_grad(n: int, d: int, arch: int, shared_limit: int, slab: int, fp8: bool
 
     cfg = configs.resolve("tma", torch.bfloat16, f"sm_{arch}", d, shared_limit, cache={}, arch=arch)
     args = dict(_pointers("DZ:*bf16", "Bias:*bf16", "Targets:*i64", "Lse:*fp32", "Mu:*fp32", "G_lse:*fp32",
-                          "G_tgt:*fp32", "G_sum:*fp32", "G_mu:*fp32", "Q8:*fp8e4nv", "QScale:*fp32",
-                          "CNorm2:*fp32", "Est2:*fp32"),
+                          "G_tgt:*fp32", "G_sum:*fp32", "G_mu:*fp32", "Q8:*fp8e4nv", "QScale:*fp32"),
                 e_desc=(f"tensordesc<bf16[{cfg['BLOCK_N']}, {cfg['BLOCK_D']}]>", None),
                 c_desc=(f"tensordesc<bf16[{cfg['BLOCK_V']}, {cfg['BLOCK_D']}]>", None),
                 N=("i32", n), slab_cols=("i32", slab), slab_start=("i32", slab), c_row0=("i32", slab),
@@ -126,7 +125,7 @@ def _tma_grad(n: int, d: int, arch: int, shared_limit: int, slab: int, fp8: bool
                 stride_dzn=("i32", slab), stride_q8=("i32", slab), stride_qs=("i32", slab // cfg["BLOCK_V"]),
                 softcap=("fp32", 1.0))
     consts = dict(D=d, HAS_BIAS=False, HAS_SOFTCAP=False, HAS_G_LSE=True, HAS_G_TGT=True, HAS_G_SUM=False,
-                  HAS_G_MU=False, UPCAST=False, FLATTEN=True, FP8=fp8, FP8_CHECK=fp8,
+                  HAS_G_MU=False, UPCAST=False, FLATTEN=True, FP8=fp8,
                   **{k: cfg[k] for k in ("BLOCK_N", "BLOCK_V", "BLOCK_D")})
     return logit_grad_tma_kernel, args, consts, cfg["num_warps"], cfg["num_stages"], cfg
 
@@ -165,12 +164,12 @@ def fp8_kernels(n: int = 8192, d: int = 2304, slab: int = 4096, arch: int = 90,
     rows.append(dict(kernel="fp8_transpose", **summarise(compile_for(
         fp8_transpose_kernel, args, dict(EMULATE=False, BLOCK_V=64, BLOCK_D=64), arch=arch, num_stages=1))))
     block_m, block_n, block_k, launch = _fp8_blocks(cfg["BLOCK_V"])
-    args = dict(_pointers("Acc:*bf16", "Scale:*fp32"), a_desc=(f"tensordesc<fp8e4nv[{block_m}, {block_k}]>", None),
+    args = dict(_pointers("Acc:*bf16", "Scale:*fp32", "KNorm2:*fp32", "Est2:*fp32"), a_desc=(f"tensordesc<fp8e4nv[{block_m}, {block_k}]>", None),
                 b_desc=(f"tensordesc<fp8e4nv[{block_n}, {block_k}]>", None), col_scale=("fp32", 0.5),
                 M=("i32", n), N=("i32", d), K=("i32", slab), stride_acc=("i32", d),
                 stride_scale=("i32", slab // cfg["BLOCK_V"]))
-    consts = dict(SCALE_K=cfg["BLOCK_V"], PER_BLOCK=True, UPCAST=False, BLOCK_M=block_m, BLOCK_N=block_n,
-                  BLOCK_K=block_k)
+    consts = dict(SCALE_K=cfg["BLOCK_V"], PER_BLOCK=True, ESTIMATE=True, UPCAST=False, BLOCK_M=block_m,
+                  BLOCK_N=block_n, BLOCK_K=block_k)
     rows.append(dict(kernel="fp8_accumulate", **summarise(compile_for(fp8_accumulate_kernel, args, consts, arch=arch,
                                                                        **launch))))
     return rows

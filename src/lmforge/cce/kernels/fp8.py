@@ -45,20 +45,27 @@ def fp8_transpose_kernel(C, Out, inv_scale, cols, D, stride_c, stride_out, EMULA
 
 
 @triton.jit
-def fp8_accumulate_kernel(a_desc, b_desc, Acc, Scale, col_scale, M, N, K, stride_acc, stride_scale,
-                          SCALE_K: tl.constexpr, PER_BLOCK: tl.constexpr, UPCAST: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def fp8_accumulate_kernel(a_desc, b_desc, Acc, Scale, col_scale, KNorm2, Est2, M, N, K, stride_acc, stride_scale,
+                          SCALE_K: tl.constexpr, PER_BLOCK: tl.constexpr, ESTIMATE: tl.constexpr,
+                          UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_K: tl.constexpr):
     """Acc[M, N] += sum_k A[:, k] B[:, k]^T Scale[:, k // SCALE_K] * col_scale for e4m3 A (M x K) and B
     (N x K, K contiguous), read by tensor descriptors. With ``PER_BLOCK`` each BLOCK_K block's product is
     formed on its own and scaled by its rows' scales as it is added (BLOCK_K divides SCALE_K); without, the
     scale is one per row (column 0 of Scale), applied once in the epilogue, and the products chain in one
-    accumulator. The fp32 accumulator is read, added to and written once, in the epilogue."""
+    accumulator. The fp32 accumulator is read, added to and written once, in the epilogue.
+
+    With ``ESTIMATE`` (and ``PER_BLOCK``) the programs of the first column of output tiles also add
+    sum_k (A[:, k] Scale[:, k // SCALE_K])^2 KNorm2[k // SCALE_K] to Est2[rows]: the e4m3 product's error
+    model, with the squared norms of B's rows bounded per scale block (KNorm2), from the A tiles already in
+    shared memory (the other programs skip it)."""
     pid = tl.program_id(0)
     n_tiles_n = tl.cdiv(N, BLOCK_N)
     pid_m, pid_n = pid // n_tiles_n, pid % n_tiles_n
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    energy = tl.zeros((BLOCK_M,), tl.float32)
     for k in tl.range(0, K, BLOCK_K):
         a = a_desc.load([pid_m * BLOCK_M, k])
         b = b_desc.load([pid_n * BLOCK_N, k])
@@ -71,12 +78,19 @@ def fp8_accumulate_kernel(a_desc, b_desc, Acc, Scale, col_scale, M, N, K, stride
                 part = tl.dot(a, b.T)
             scale = tl.load(Scale + rows * stride_scale + k // SCALE_K, mask=row_ok, other=0.0)
             acc += part * scale[:, None]
+            if ESTIMATE:
+                if pid_n == 0:
+                    a32 = a.to(tl.float32)
+                    energy += tl.sum(a32 * a32, axis=1) * (scale * scale) * tl.load(KNorm2 + k // SCALE_K)
         elif UPCAST:
             acc = tl.dot(a, b.T, acc, input_precision="ieee")
         else:
             acc = tl.dot(a, b.T, acc)
     if not PER_BLOCK:
         acc *= tl.load(Scale + rows * stride_scale, mask=row_ok, other=0.0)[:, None]
+    if ESTIMATE:
+        if pid_n == 0:
+            tl.store(Est2 + rows, tl.load(Est2 + rows, mask=row_ok, other=0.0) + energy, mask=row_ok)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = row_ok[:, None] & (cols < N)[None, :]
     ptr = Acc + rows[:, None].to(tl.int64) * stride_acc + cols[None, :]

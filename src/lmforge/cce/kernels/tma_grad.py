@@ -18,8 +18,7 @@ that follow (dE += dz C, dC = dz^T E) stay with cuBLAS.
 With ``FP8`` (for the lse and target-logit gradients together, and only those) the kernel also writes the
 softmax part of dz, f g_lse p (the target's g_tgt term left out), in e4m3 to Q8, each row of each
 BLOCK_V-column tile scaled to e4m3's range by a bound from the tile's largest logit, the scale to
-QScale[row, tile], and with ``FP8_CHECK`` adds max_tile |C_v|^2 sum_v q_v^2 over the tile (the first from
-CNorm2, one per tile of the slab) to Est2[row]: the operand
+QScale[row, tile]: the operand
 of the e4m3 dE product (:mod:`lmforge.cce.kernels.fp8`).
 """
 
@@ -33,12 +32,12 @@ from lmforge.cce.kernels.tma_forward import row_block
 
 @triton.jit
 def logit_grad_tma_kernel(
-    e_desc, c_desc, DZ, Bias, Targets, Lse, Mu, G_lse, G_tgt, G_sum, G_mu, Q8, QScale, CNorm2, Est2,
+    e_desc, c_desc, DZ, Bias, Targets, Lse, Mu, G_lse, G_tgt, G_sum, G_mu, Q8, QScale,
     N, slab_cols, slab_start, c_row0, v_per_split, stride_dzn, stride_q8, stride_qs, softcap,
     D: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_G_LSE: tl.constexpr, HAS_G_TGT: tl.constexpr, HAS_G_SUM: tl.constexpr, HAS_G_MU: tl.constexpr,
     UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-    FLATTEN: tl.constexpr, FP8: tl.constexpr, FP8_CHECK: tl.constexpr,
+    FLATTEN: tl.constexpr, FP8: tl.constexpr,
 ):
     row0, rows, row_ok, targets = row_block(Targets, N, tl.program_id(0), BLOCK_N)
     lse, mu, g_lse, g_tgt, g_sum, g_mu = row_grad_inputs(rows, row_ok, Lse, Mu, G_lse, G_tgt, G_sum, G_mu,
@@ -78,10 +77,6 @@ def logit_grad_tma_kernel(
             tl.store(DZ + rows64 * stride_dzn + slot[None, :],
                      (q + tl.where(hit, g_hit[:, None], 0.0)).to(DZ.dtype.element_ty), mask=mask)
             tl.store(QScale + rows * stride_qs + v0 // BLOCK_V, scale, mask=row_ok)
-            if FP8_CHECK:  # the e4m3 product's error model, sum_v q_v^2 |C_v|^2 per row, bounded with the
-                # tile's largest |C_v|^2 (CNorm2[tile]): the columns' own norms would take 64 more registers
-                norm2 = tl.load(CNorm2 + v0 // BLOCK_V)
-                tl.atomic_add(Est2 + rows, norm2 * tl.sum(tl.where(mask, q * q, 0.0), axis=1), mask=row_ok)
         else:
             dz = logit_grad(acc, Bias, slab_start + slot, col_ok, targets, lse, mu, g_lse, g_tgt, g_sum, g_mu,
                             softcap, HAS_BIAS, HAS_SOFTCAP, HAS_G_LSE, HAS_G_TGT, HAS_G_SUM, HAS_G_MU)
