@@ -271,7 +271,8 @@ def backward_workspace(rows: int, piece: int, d: int, *, elem_bytes: int, dz_byt
     the logit-gradient buffer (``dz_bytes`` per entry), the fp32 dE accumulator (``de_acc``), the rows in
     depth order (``gather_rows``), the gathered classifier piece (``gather_cols``) and, for the e4m3 dE
     product (``fp8``), the softmax part's e4m3 copy with a scale per row and tile (at most one per 16
-    columns), the piece's e4m3 transpose and the target rows' sub-chunk (FP8_TARGET_ROWS rows, fp32)."""
+    columns), the piece's e4m3 transpose and the target rows' sub-chunk (FP8_TARGET_ROWS rows, fp32); not
+    counted there, its two fp32 vectors (the rows' error sums and the classifier rows' squared norms)."""
     return (rows * piece * dz_bytes + (rows * d * 4 if de_acc else 0)
             + (rows * d * elem_bytes if gather_rows else 0) + (piece * d * elem_bytes if gather_cols else 0)
             + (rows * piece + rows * -(-piece // 16) * 4 + piece * d + FP8_TARGET_ROWS * d * 8 if fp8 else 0))
@@ -969,7 +970,6 @@ def _backward_fp8(e, c, bias, targets, vectors, softcap, cols_per_slab: int, *, 
                                 dz_bytes=e.element_size(), gather_rows=False, gather_cols=False, de_acc=False,
                                 budget=backward_budget() or default_budget(n, d, vocab, e.element_size()),
                                 max_chunks=EXACT_MAX_CHUNKS, fp8=True)
-    chunks = -(-n // rows)
     grads = grads_of(*vectors[2:4], None, None)
     scale_k = configs.config_for("tma", e.dtype, e.device, d)["BLOCK_V"]
     width = -(-piece // 16) * 16  # rows of e4m3 operands 16-byte aligned, as tensor descriptors need
