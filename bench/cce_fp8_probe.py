@@ -60,9 +60,10 @@ def fp8_accumulate(acc, a8, b8t, row_scale, col_scale: float, cfg=(128, 128, 128
     grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
     fp8_accumulate_kernel[grid](TensorDescriptor.from_tensor(a8, [block_m, block_k]),
                                 TensorDescriptor.from_tensor(b8t, [block_n, block_k]), acc, scale,
-                                float(col_scale), m, n, k, acc.stride(0), scale.stride(0), SCALE_K=block_k,
-                                PER_BLOCK=k_scaled, UPCAST=interpret, BLOCK_M=block_m, BLOCK_N=block_n,
-                                BLOCK_K=block_k, **({} if interpret else dict(num_warps=warps, num_stages=stages)))
+                                float(col_scale), scale, scale, m, n, k, acc.stride(0), scale.stride(0),
+                                SCALE_K=block_k, PER_BLOCK=k_scaled, ESTIMATE=False, UPCAST=interpret,
+                                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                                **({} if interpret else dict(num_warps=warps, num_stages=stages)))
 
 
 def kernel_error(m: int, n: int, k: int, cfg=(128, 128, 128, 8, 4), device="cpu", k_scaled=False) -> float:
