@@ -164,7 +164,8 @@ def fp8_kernels(n: int = 8192, d: int = 2304, slab: int = 4096, arch: int = 90,
     rows.append(dict(kernel="fp8_transpose", **summarise(compile_for(
         fp8_transpose_kernel, args, dict(EMULATE=False, BLOCK_V=64, BLOCK_D=64), arch=arch, num_stages=1))))
     block_m, block_n, block_k, launch = _fp8_blocks(cfg["BLOCK_V"])
-    args = dict(_pointers("Acc:*bf16", "Scale:*fp32", "KNorm2:*fp32", "Est2:*fp32"), a_desc=(f"tensordesc<fp8e4nv[{block_m}, {block_k}]>", None),
+    args = dict(_pointers("Acc:*bf16", "Scale:*fp32", "KNorm2:*fp32", "Est2:*fp32"),
+                a_desc=(f"tensordesc<fp8e4nv[{block_m}, {block_k}]>", None),
                 b_desc=(f"tensordesc<fp8e4nv[{block_n}, {block_k}]>", None), col_scale=("fp32", 0.5),
                 M=("i32", n), N=("i32", d), K=("i32", slab), stride_acc=("i32", d),
                 stride_scale=("i32", slab // cfg["BLOCK_V"]))
