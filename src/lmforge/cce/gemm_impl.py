@@ -898,8 +898,8 @@ def fp8_de_applies(e: torch.Tensor, c: torch.Tensor, *, tma: bool, vocab_order: 
 
 def _fp8_blocks(scale_k: int) -> tuple[int, int, int, dict]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, launch options) of :func:`fp8_accumulate_kernel` for tile scales every
-    ``scale_k`` columns: the probe's fastest configuration that compiled without spills for sm_90 (128 x 128 x
-    128, 8 warps, 4 stages; bench/cce_fp8_probe.py), smaller under the interpreter."""
+    ``scale_k`` columns: 128 x 128 x 128, 8 warps, 4 stages, which compiles for sm_90 to QGMMA without spills
+    (not yet timed: bench/cce_fp8_probe.py times it beside other tiles), smaller under the interpreter."""
     if interpreting():
         return 16, 16, min(16, scale_k), {}
     return 128, 128, min(128, scale_k), dict(num_warps=8, num_stages=4)
