@@ -932,20 +932,19 @@ def _fp8_accumulate(acc: torch.Tensor, q8: torch.Tensor, q_scale: torch.Tensor, 
 
 def _add_target_rows(acc, e_rows, c, bias, targets, g_tgt, softcap) -> None:
     """acc += g_tgt f_t C[t] row by row (f_t softcap's derivative at the target logit, recomputed in fp32 from
-    the 16-bit rows): the term the e4m3 product leaves out, added exactly, FP8_TARGET_ROWS rows at a time."""
+    the 16-bit rows): the term the e4m3 product leaves out, added exactly. ``acc`` is fp32; callers pass
+    FP8_TARGET_ROWS rows at a time (the temporaries are a few rows x D)."""
     vocab = c.shape[0]
-    for i in range(0, e_rows.shape[0], FP8_TARGET_ROWS):
-        t = targets[i:i + FP8_TARGET_ROWS]
-        valid = (t >= 0) & (t < vocab)
-        t = t.clamp(0, vocab - 1)
-        ct = c.index_select(0, t)
-        w = torch.where(valid, g_tgt[i:i + FP8_TARGET_ROWS].float(), 0.0)
-        if softcap is not None:
-            z = (e_rows[i:i + FP8_TARGET_ROWS].float() * ct.float()).sum(dim=1)
-            if bias is not None:
-                z += bias.index_select(0, t).float()
-            w = w * (1.0 - torch.tanh(z / softcap) ** 2)
-        acc[i:i + FP8_TARGET_ROWS].addcmul_(ct, w[:, None])
+    valid = (targets >= 0) & (targets < vocab)
+    t = targets.clamp(0, vocab - 1)
+    ct = c.index_select(0, t)
+    w = torch.where(valid, g_tgt.float(), 0.0)
+    if softcap is not None:
+        z = (e_rows.float() * ct.float()).sum(dim=1)
+        if bias is not None:
+            z += bias.index_select(0, t).float()
+        w = w * (1.0 - torch.tanh(z / softcap) ** 2)
+    acc.addcmul_(ct, w[:, None])
 
 
 def _fp8_rows_to_redo(est: torch.Tensor, de: torch.Tensor) -> torch.Tensor:
@@ -992,9 +991,9 @@ def _backward_fp8(e, c, bias, targets, vectors, softcap, cols_per_slab: int, *, 
         cols = min(piece, vocab - start)
         c_piece = c[start:start + cols]
         _fp8_transpose(c8t[:, :cols], c_piece, 1.0 / c_scale)
-        # The largest squared row norm in each of the piece's tiles (the error model's bound).
-        tile_norm2 = torch.nn.functional.pad(c_norm2[start:start + cols], (0, -cols % scale_k)).view(-1, scale_k)
-        tile_norm2 = tile_norm2.amax(dim=1)
+        if checked:  # the largest squared row norm in each of the piece's tiles (the error model's bound)
+            tile_norm2 = torch.nn.functional.pad(c_norm2[start:start + cols], (0, -cols % scale_k))
+            tile_norm2 = tile_norm2.view(-1, scale_k).amax(dim=1)
         for chunk, ((r0, m), launch) in enumerate(zip(spans, launches)):
             dz = buffer[: m * cols].view(m, cols)
             launch(m, start, cols, start, dz, q8[:m, :cols], q_scale[:m])
@@ -1019,9 +1018,9 @@ def _backward_fp8(e, c, bias, targets, vectors, softcap, cols_per_slab: int, *, 
     if len(redo):
         if len(redo) > FP8_REFUSE_SHARE * n:
             _fp8_refused.add(_problem_key(e, c, 0.0))
-        exact, _, _ = backward(e[redo], c, bias, targets[redo], *(v[redo] if v is not None else None for v in (
-            vectors[0], None, vectors[2], vectors[3], None, None)), softcap=softcap, need_dc=False,
-            de_dtype=out_dtype, fp8=False)
+        lse, _, g_lse, g_tgt = vectors[:4]
+        exact, _, _ = backward(e[redo], c, bias, targets[redo], lse[redo], None, g_lse[redo], g_tgt[redo], None,
+                               None, softcap=softcap, need_dc=False, de_dtype=out_dtype, fp8=False)
         de[redo] = exact
     return de, dc, db32.to(bias.dtype) if need_db else None
 
@@ -1167,6 +1166,10 @@ def backward(e, c, bias, targets, lse, mean_logit, g_lse, g_tgt, g_sum, g_mu, *,
     more than one chunk, dC is the sum of the chunks' parts: in vocabulary order each is added in fp32 to
     the rounded sum of those before; in the sorted order each is rounded, then added to the vocabulary's
     rows (one more rounding per chunk, one launch fewer per step).
+
+    With ``fp8`` (the default) the exact cross-entropy backward in vocabulary order takes the e4m3 dE path
+    where ``LMFORGE_CCE_FP8_DE`` asks for it (:func:`fp8_de_applies`); that path passes ``fp8=False`` to
+    recompute the rows its check flags.
     """
     n, d = e.shape
     vocab = c.shape[0]
